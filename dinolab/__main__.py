@@ -1,0 +1,5 @@
+import sys
+
+from dinolab.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""Batched feature extraction with a frozen backbone: the loop shared by embedding, evaluation and curation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dinolab.data.images import ImageBatch, collate_loaded
+
+# model, images [B, C, H, W] -> named features, each [B, ...]
+FeatureFn = Callable[[nn.Module, Tensor], dict[str, Tensor]]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cls_features(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """The normalised CLS token, ``[B, D]``."""
+    return {"cls": model(images)}
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast to bf16/fp16 on the given device, or nothing for fp32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+@dataclass
+class Extracted:
+    """Features of the readable images, in dataset order, and the images that could not be read."""
+
+    indices: np.ndarray  # [N] dataset indices that have features
+    features: dict[str, np.ndarray]  # name -> [N, ...] float32
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    feature_fn: FeatureFn = cls_features,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    dtype: str = "fp32",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    description: str = "embedding",
+) -> Extracted:
+    """Run ``feature_fn`` over a dataset of :class:`~dinolab.data.images.LoadedImage` items.
+
+    Unreadable images are collected in ``failures``; everything else comes back as float32 numpy arrays.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    model = model.to(device).eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_loaded,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    indices: list[Tensor] = []
+    chunks: dict[str, list[np.ndarray]] = {}
+    failures: list[tuple[int, str]] = []
+    batch: ImageBatch
+    for batch in tqdm(loader, desc=description, disable=not progress, unit="batch"):
+        failures.extend(batch.failures)
+        if batch.images is None:
+            continue
+        with autocast_context(device, dtype):
+            outputs = feature_fn(model, batch.images.to(device, non_blocking=True))
+        for name, value in outputs.items():
+            chunks.setdefault(name, []).append(value.float().cpu().numpy())
+        indices.append(batch.indices)
+    features = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    all_indices = torch.cat(indices).numpy() if indices else np.zeros(0, dtype=np.int64)
+    return Extracted(all_indices, features, failures)

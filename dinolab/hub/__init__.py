@@ -1,0 +1,53 @@
+"""Released DINOv2 weights: official entry points, format conversion, strict loading, export."""
+
+from dinolab.hub.backbones import (
+    RELEASED,
+    Weights,
+    WeightsUnavailableError,
+    dinov2_vitb14,
+    dinov2_vitb14_reg,
+    dinov2_vitg14,
+    dinov2_vitg14_reg,
+    dinov2_vitl14,
+    dinov2_vitl14_reg,
+    dinov2_vits14,
+    dinov2_vits14_reg,
+    download_weights,
+    load_backbone,
+    load_checkpoint_into,
+    make_dinov2_model,
+)
+from dinolab.hub.convert import (
+    CheckpointMismatchError,
+    detect_format,
+    infer_arch,
+    load_strict,
+    read_state_dict,
+    save_safetensors,
+    to_dinov2_state_dict,
+)
+
+__all__ = [
+    "RELEASED",
+    "CheckpointMismatchError",
+    "Weights",
+    "WeightsUnavailableError",
+    "detect_format",
+    "dinov2_vitb14",
+    "dinov2_vitb14_reg",
+    "dinov2_vitg14",
+    "dinov2_vitg14_reg",
+    "dinov2_vitl14",
+    "dinov2_vitl14_reg",
+    "dinov2_vits14",
+    "dinov2_vits14_reg",
+    "download_weights",
+    "infer_arch",
+    "load_backbone",
+    "load_checkpoint_into",
+    "load_strict",
+    "make_dinov2_model",
+    "read_state_dict",
+    "save_safetensors",
+    "to_dinov2_state_dict",
+]

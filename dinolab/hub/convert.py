@@ -1,0 +1,246 @@
+"""Checkpoint formats: read any DINOv2 backbone checkpoint and bring it to the released key layout.
+
+One small filter function per foreign format (timm, Hugging Face transformers, chunked training checkpoints,
+full training checkpoints), a format detector, strict loading with a readable report, architecture
+inference from the weights alone, and safetensors export.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the model: lists missing / unexpected keys and shape mismatches."""
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a checkpoint file (``.pth``/``.pt``/``.bin`` with ``weights_only=True``, or ``.safetensors``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors have many types; name the file and the cause
+        raise CheckpointMismatchError(
+            f"could not read {path} as a PyTorch checkpoint with weights_only=True ({error}). "
+            "dinolab loads only tensors, never pickled code; re-save the file as a plain state dict "
+            "(torch.save(model.state_dict(), path)) or as .safetensors"
+        ) from error
+    return extract_backbone_state_dict(obj)
+
+
+def extract_backbone_state_dict(obj: Mapping) -> StateDict:
+    """Take the backbone weights out of a loaded object: a plain state dict, a training checkpoint of
+    dinolab (``{"teacher": ...}``/``{"model": ...}``) or of the official code (``teacher.backbone.*``)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatchError(f"expected a state dict (a mapping of names to tensors), got {type(obj)}")
+    for key in ("teacher_backbone", "teacher", "model", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            return extract_backbone_state_dict(obj[key])
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    for prefix in ("teacher.backbone.", "backbone.", "module.", "model.", "dinov2."):
+        if any(k.startswith(prefix) for k in tensors):
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------- formats
+def detect_format(state_dict: Mapping[str, Tensor]) -> str:
+    """``"dinov2"`` (released layout), ``"chunked"`` (``blocks.{chunk}.{i}``), ``"timm"`` or ``"hf"``."""
+    keys = set(state_dict)
+    if any(k.startswith("encoder.layer.") or k.startswith("embeddings.") for k in keys):
+        return "hf"
+    if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in keys):
+        return "chunked"
+    if "reg_token" in keys or ("mask_token" not in keys and "blocks.0.norm1.weight" in keys):
+        return "timm"
+    return "dinov2"
+
+
+def from_chunked(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """``blocks.{chunk}.{i}.*`` (FSDP-chunked training checkpoints; ``i`` is the global index) -> ``blocks.{i}.*``."""
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state_dict.items()}
+
+
+def _is_packed_swiglu(state_dict: Mapping[str, Tensor], prefix: str) -> bool:
+    fc1, fc2 = state_dict.get(f"{prefix}.fc1.weight"), state_dict.get(f"{prefix}.fc2.weight")
+    return fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+
+
+def from_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """timm's ``vit_*_patch14[_reg4]_dinov2`` -> released layout.
+
+    timm drops the mask token (set to zero here: it only matters for masked training) and, for register
+    models, folds the CLS position into ``cls_token`` and keeps no CLS position (put back as zero: the sum
+    ``cls_token + pos_embed[:, 0]`` is what the model uses, so outputs are identical).
+    """
+    out: StateDict = {}
+    sd = dict(state_dict)
+    if "reg_token" in sd:
+        out["register_tokens"] = sd.pop("reg_token")
+        pos = sd.pop("pos_embed")
+        out["pos_embed"] = torch.cat((pos.new_zeros(1, 1, pos.shape[-1]), pos), dim=1)
+    swiglu = _is_packed_swiglu(sd, "blocks.0.mlp")
+    for key, value in sd.items():
+        if key.startswith("head."):
+            continue
+        if swiglu:
+            key = re.sub(r"\.mlp\.fc1\.", ".mlp.w12.", key)
+            key = re.sub(r"\.mlp\.fc2\.", ".mlp.w3.", key)
+        out[key] = value
+    out.setdefault("mask_token", out["cls_token"].new_zeros(1, out["cls_token"].shape[-1]))
+    return out
+
+
+_HF_BLOCK_RENAMES = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.output.dense": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.w12",
+    "mlp.weights_out": "mlp.w3",
+}
+
+
+def from_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` -> released layout (q, k, v fused to qkv)."""
+    out: StateDict = {}
+    qkv_parts: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        if key == "embeddings.cls_token":
+            out["cls_token"] = value
+        elif key == "embeddings.mask_token":
+            out["mask_token"] = value.reshape(1, -1)
+        elif key == "embeddings.position_embeddings":
+            out["pos_embed"] = value
+        elif key == "embeddings.register_tokens":
+            out["register_tokens"] = value
+        elif key.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("layernorm."):
+            out["norm." + key.rsplit(".", 1)[1]] = value
+        elif match := re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key):
+            index, name, kind = int(match.group(1)), match.group(2), match.group(3)
+            if qkv := re.match(r"attention\.attention\.(query|key|value)$", name):
+                qkv_parts.setdefault((index, kind), {})[qkv.group(1)] = value
+            elif kind == "lambda1":
+                out[f"blocks.{index}.{_HF_BLOCK_RENAMES[name + '.lambda1']}"] = value
+            elif name in _HF_BLOCK_RENAMES:
+                out[f"blocks.{index}.{_HF_BLOCK_RENAMES[name]}.{kind}"] = value
+            else:
+                raise CheckpointMismatchError(f"unknown Hugging Face DINOv2 key {key!r}")
+        # pooler / classifier weights are not part of the backbone
+    for (index, kind), parts in qkv_parts.items():
+        out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+def to_dinov2_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Any supported format -> the released key layout."""
+    fmt = detect_format(state_dict)
+    if fmt == "hf":
+        return from_hf(state_dict)
+    if fmt == "chunked":
+        return from_chunked(state_dict)
+    if fmt == "timm":
+        return from_timm(state_dict)
+    return dict(state_dict)
+
+
+# ----------------------------------------------------------------------------------------------- architecture
+@dataclass(frozen=True)
+class InferredArch:
+    """Architecture read off a released-layout state dict."""
+
+    arch_name: str
+    patch_size: int
+    img_size: int
+    num_register_tokens: int
+
+
+def infer_arch(state_dict: Mapping[str, Tensor]) -> InferredArch:
+    """Guess the ViT variant from the weights' shapes (embed dim, depth, FFN type, registers, grid)."""
+    from dinolab.models.vit import ARCHS
+
+    try:
+        embed_dim = state_dict["cls_token"].shape[-1]
+        patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
+        num_positions = state_dict["pos_embed"].shape[1] - 1
+    except KeyError as error:
+        raise CheckpointMismatchError(f"not a DINOv2 backbone state dict: no {error.args[0]!r} key") from error
+    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+    registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
+    grid = round(num_positions**0.5)
+    for name, arch in ARCHS.items():
+        if arch.embed_dim == embed_dim and arch.depth == depth:
+            return InferredArch(name, patch_size, grid * patch_size, registers)
+    raise CheckpointMismatchError(
+        f"no known ViT has embed dim {embed_dim} and depth {depth}; known: "
+        + ", ".join(f"{n} ({a.embed_dim}-d, {a.depth} blocks)" for n, a in ARCHS.items())
+    )
+
+
+# ----------------------------------------------------------------------------------------------- strict loading
+def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """``model.load_state_dict(strict=True)`` with one error that lists every problem at once."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state_dict))
+        if own[k].shape != state_dict[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match the model {type(model).__name__}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                shown = ", ".join(items[:12]) + (f", … ({len(items)} in all)" if len(items) > 12 else "")
+                lines.append(f"  {title}: {shown}")
+        hint = _mismatch_hint(own, state_dict)
+        if hint:
+            lines.append(f"  hint: {hint}")
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _mismatch_hint(own: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> str:
+    try:
+        arch = infer_arch(theirs)
+    except (CheckpointMismatchError, ValueError):
+        return ""
+    return (
+        f"the checkpoint looks like {arch.arch_name}/{arch.patch_size} with {arch.num_register_tokens} register "
+        f"tokens (stored for {arch.img_size}px); build that model or pick the matching dinov2_* entry point"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- export
+def save_safetensors(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | Path) -> Path:
+    """Write backbone weights as ``.safetensors`` (contiguous CPU tensors, atomic rename)."""
+    from safetensors.torch import save_file
+
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "dinov2"})
+    tmp.replace(path)
+    return path

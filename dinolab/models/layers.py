@@ -1,0 +1,215 @@
+"""Building blocks of the DINOv2 Vision Transformer.
+
+Parameter names match the released checkpoints exactly (``attn.qkv``, ``ls1.gamma``, ``mlp.w12`` …), so a
+released state dict loads with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: a conv with kernel = stride = patch size. ``[B, C, H, W] -> [B, N, D]``."""
+
+    def __init__(self, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, height, width = x.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
+                f"resize or crop to a multiple of {self.patch_size} (e.g. 224 or 518)"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by the number of heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def _split_heads(self, qkv: Tensor, batch: int, tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, head_dim]
+        return q, k, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_packed(x.reshape(-1, x.shape[-1]), [(x.shape[0], x.shape[1])]).view_as(x)
+
+    def forward_packed(self, tokens: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """Attention over a packed token sequence with a block-diagonal structure.
+
+        ``tokens`` is ``[sum_g B_g*T_g, D]``: group ``g`` holds ``B_g`` sequences of ``T_g`` tokens each (e.g. the
+        global crops, then the local crops). The linear layers run once on all tokens; attention runs within
+        each sequence only, which is exactly a block-diagonal attention mask without materialising it.
+        """
+        qkv = self.qkv(tokens)
+        outputs = []
+        for chunk, (batch, length) in zip(qkv.split([b * t for b, t in shapes]), shapes):
+            q, k, v = self._split_heads(chunk, batch, length)
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, T, head_dim]
+            outputs.append(out.transpose(1, 2).reshape(batch * length, -1))
+        return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Softmax attention weights ``[B, heads, T, T]`` (for visualisation; not used in training)."""
+        q, k, _ = self._split_heads(self.qkv(x), x.shape[0], x.shape[1])
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network with GELU."""
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFNFused(nn.Module):
+    """SwiGLU feed-forward of ViT-g/14: one fused input projection ``w12`` split into gate and value.
+
+    The hidden width follows the released model: ``2/3`` of the nominal MLP width rounded up to a multiple
+    of 8 (4096 for ViT-g's nominal 6144).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        hidden = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+Branch = Callable[[list[Tensor]], list[Tensor]]
+
+
+def drop_path_by_zeroing(xs: list[Tensor], branch: Branch, drop_rate: float) -> list[Tensor]:
+    """Classic stochastic depth: compute the branch for every sample, zero the dropped ones, rescale the rest."""
+    keep = 1.0 - drop_rate
+    residuals = branch(xs)
+    out = []
+    for x, residual in zip(xs, residuals):
+        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
+        out.append(x + residual * mask / keep)
+    return out
+
+
+def drop_path_by_subset(xs: list[Tensor], branch: Branch, drop_rate: float) -> list[Tensor]:
+    """Efficient stochastic depth (DINOv2): compute the branch only for the kept samples.
+
+    In each group, a random subset of ``max(int(B * (1 - drop_rate)), 1)`` samples goes through ``branch``; its
+    output is added back to those samples scaled by ``B / kept`` (so the expectation matches the classic
+    version). At ``drop_rate = 0.4`` this saves ~40% of the block's compute.
+    """
+    indices = []
+    for x in xs:
+        kept = max(int(x.shape[0] * (1.0 - drop_rate)), 1)
+        indices.append(torch.randperm(x.shape[0], device=x.device)[:kept])
+    residuals = branch([x[index] for x, index in zip(xs, indices)])
+    return [
+        torch.index_add(x, 0, index, residual.to(x.dtype), alpha=x.shape[0] / index.numel())
+        for x, index, residual in zip(xs, indices, residuals)
+    ]
+
+
+def _pack(xs: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+    # [B_g, T_g, D] per group -> [sum_g B_g*T_g, D]
+    shapes = [(x.shape[0], x.shape[1]) for x in xs]
+    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    return (flat[0] if len(flat) == 1 else torch.cat(flat)), shapes
+
+
+def _unpack(tokens: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    chunks = tokens.split([b * t for b, t in shapes])
+    return [chunk.view(b, t, -1) for chunk, (b, t) in zip(chunks, shapes)]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))``.
+
+    Takes one ``[B, T, D]`` tensor, or a list of them with different ``T`` (sequence packing: every token-wise
+    layer runs once over all groups, attention stays within each sequence).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        init_values: float | None = 1e-5,
+        drop_path: float = 0.0,
+        ffn_layer: str = "mlp",
+        efficient_drop_path: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        if ffn_layer == "mlp":
+            self.mlp: nn.Module = Mlp(dim, hidden, bias=ffn_bias)
+        elif ffn_layer in ("swiglu", "swiglufused"):
+            self.mlp = SwiGLUFFNFused(dim, hidden, bias=ffn_bias)
+        else:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected 'mlp' or 'swiglufused'")
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = drop_path
+        self.efficient_drop_path = efficient_drop_path
+
+    def _attn_branch(self, xs: list[Tensor]) -> list[Tensor]:
+        tokens, shapes = _pack(xs)
+        return _unpack(self.ls1(self.attn.forward_packed(self.norm1(tokens), shapes)), shapes)
+
+    def _ffn_branch(self, xs: list[Tensor]) -> list[Tensor]:
+        tokens, shapes = _pack(xs)
+        return _unpack(self.ls2(self.mlp(self.norm2(tokens))), shapes)
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        xs = x if isinstance(x, list) else [x]
+        if not self.training or self.drop_path == 0.0:
+            xs = [x + r for x, r in zip(xs, self._attn_branch(xs))]
+            xs = [x + r for x, r in zip(xs, self._ffn_branch(xs))]
+        else:
+            drop = drop_path_by_subset if self.efficient_drop_path else drop_path_by_zeroing
+            xs = drop(xs, self._attn_branch, self.drop_path)
+            xs = drop(xs, self._ffn_branch, self.drop_path)
+        return xs if isinstance(x, list) else xs[0]
