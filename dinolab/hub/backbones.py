@@ -185,6 +185,7 @@ def load_backbone(spec: str | os.PathLike, **kwargs) -> DinoVisionTransformer:
     arch = infer_arch(state_dict)
     model = build_vit(
         arch.arch_name,
+        depth=arch.depth,
         patch_size=arch.patch_size,
         img_size=arch.img_size,
         num_register_tokens=arch.num_register_tokens,

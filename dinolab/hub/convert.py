@@ -173,6 +173,8 @@ class InferredArch:
     patch_size: int
     img_size: int
     num_register_tokens: int
+    depth: int
+    """Blocks in the checkpoint (the variant's usual depth, or fewer for a reduced-depth model of ours)."""
 
 
 def infer_arch(state_dict: Mapping[str, Tensor]) -> InferredArch:
@@ -188,11 +190,12 @@ def infer_arch(state_dict: Mapping[str, Tensor]) -> InferredArch:
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
     grid = round(num_positions**0.5)
+    # the width identifies the variant (and so its number of heads, which no weight shape reveals)
     for name, arch in ARCHS.items():
-        if arch.embed_dim == embed_dim and arch.depth == depth:
-            return InferredArch(name, patch_size, grid * patch_size, registers)
+        if arch.embed_dim == embed_dim:
+            return InferredArch(name, patch_size, grid * patch_size, registers, depth)
     raise CheckpointMismatchError(
-        f"no known ViT has embed dim {embed_dim} and depth {depth}; known: "
+        f"no known ViT has embed dim {embed_dim}; known: "
         + ", ".join(f"{n} ({a.embed_dim}-d, {a.depth} blocks)" for n, a in ARCHS.items())
     )
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class PatchEmbed(nn.Module):
@@ -194,6 +195,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
         self.efficient_drop_path = efficient_drop_path
+        self.activation_checkpointing = False
+        """Recompute this block's activations in backward instead of storing them (set by the trainer)."""
 
     def _attn_branch(self, xs: list[Tensor]) -> list[Tensor]:
         tokens, shapes = _pack(xs)
@@ -204,6 +207,12 @@ class Block(nn.Module):
         return _unpack(self.ls2(self.mlp(self.norm2(tokens))), shapes)
 
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # the RNG state is restored for the recomputation, so stochastic depth drops the same samples
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         xs = x if isinstance(x, list) else [x]
         if not self.training or self.drop_path == 0.0:
             xs = [x + r for x, r in zip(xs, self._attn_branch(xs))]
