@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, ConfigError) as error:
         print(f"dinolab train: {error}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     state = "finished" if result.finished else "stopped (resume by running the same command)"
     print(f"{state} after {result.steps_done} iterations; run directory: {result.run_dir}")
     if result.teacher_backbone:

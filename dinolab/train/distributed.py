@@ -47,10 +47,29 @@ def init_distributed(requested_device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(requested_device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    # under torchrun (which sets WORLD_SIZE) join the job even with one process, so FSDP can be used there too
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store = _attempt_store(world_size, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun with ``--max-restarts``, the agent's key-value store outlives a failed attempt. Workers of
+    the next attempt would read the previous attempt's (dead) peer addresses from it and fail to connect, so
+    each attempt gets its own key prefix. ``None`` outside torchrun's agent store (the default env:// set-up)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"dinolab/attempt_{attempt}", client)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,14 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from dinolab.data.collate import Batch
 from dinolab.train.checkpoint import (
     full_state_dict,
     latest_checkpoint,
@@ -20,11 +22,11 @@ from dinolab.train.checkpoint import (
     save_backbone,
     save_checkpoint,
 )
-from dinolab.train.config import ConfigError, TrainConfig, from_dict
+from dinolab.train.config import ConfigError, OptimConfig, TrainConfig, from_dict
 from dinolab.train.data import build_training_data
 from dinolab.train.distributed import DistEnv, all_reduce_mean, init_distributed
 from dinolab.train.logger import MetricLogger, format_line
-from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.train.meta_arch import LossTerms, SSLMetaArch
 from dinolab.train.parallel import parallelize
 from dinolab.train.param_groups import apply_schedules, get_param_groups
 from dinolab.train.schedules import TrainingSchedules, build_schedules, scale_lr
@@ -116,7 +118,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     model = build_model(config, env) if resume_from is None else _build_for_resume(config, env)
     num_blocks = model.student["backbone"].n_blocks
-    wrapped = parallelize(model, env, run_cfg)
+    may_skip = optim_cfg.freeze_backbone_iters > 0 or config.heads.ibot_separate_head
+    wrapped = parallelize(model, env, run_cfg, may_skip_parameters=may_skip)
     groups = get_param_groups(
         model.student,
         num_blocks=num_blocks,
@@ -145,6 +148,7 @@ def train(config: TrainConfig) -> TrainResult:
     logger = MetricLogger(run_dir, enabled=env.is_main, tensorboard=run_cfg.tensorboard)
     stop_at = min(total, start_step + run_cfg.stop_after_iters) if run_cfg.stop_after_iters else total
 
+    step_ctx = StepContext(model, wrapped, optimizer, scaler, run_cfg.dtype, env.device, optim_cfg)
     step = start_step
     skipped_total = 0
     window_start, window_images = time.perf_counter(), 0
@@ -157,27 +161,18 @@ def train(config: TrainConfig) -> TrainResult:
             torch.manual_seed(step_seed(run_cfg.seed, step, env.rank))
             freeze_backbone = step < optim_cfg.freeze_backbone_iters
 
-            # 2. forward / backward over the micro-batches
-            optimizer.zero_grad(set_to_none=True)
-            sums = {"total": 0.0, "dino": 0.0, "ibot": 0.0, "koleo": 0.0}
-            for _ in range(optim_cfg.accumulation_steps):
-                batch = next(data.batches)
-                skipped_total += data.record_skipped(batch.skipped)
-                batch = batch.to(env.device, non_blocking=True)
-                with autocast(env.device, run_cfg.dtype):
-                    terms = wrapped(batch, values["teacher_temp"], freeze_backbone)
-                if not torch.isfinite(terms.total):
-                    raise NonFiniteLossError(_non_finite_message(step, terms.detached(), run_dir))
-                scaler.scale(terms.total / optim_cfg.accumulation_steps).backward()
-                for name, value in terms.detached().items():
-                    sums[name] += value / optim_cfg.accumulation_steps
+            # 2-3. forward/backward over the micro-batches, clip, step, EMA
+            def micro_batches():
+                nonlocal skipped_total
+                for _ in range(optim_cfg.accumulation_steps):
+                    batch = next(data.batches)
+                    skipped_total += data.record_skipped(batch.skipped)
+                    yield batch.to(env.device, non_blocking=True)
 
-            # 3. clip, step, EMA
-            scaler.unscale_(optimizer)
-            grad_norm = _clip(model, optim_cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            model.update_teacher(values["momentum"])
+            try:
+                sums, grad_norm = train_step(step_ctx, micro_batches(), values, freeze_backbone)
+            except NonFiniteLossError as error:
+                raise NonFiniteLossError(_non_finite_message(step, error.args[0], run_dir)) from None
 
             # 4. log
             window_images += global_batch
@@ -229,6 +224,68 @@ def check_resumable(config: TrainConfig, meta: dict, checkpoint: Path) -> None:
         )
 
 
+@dataclass
+class StepContext:
+    """What one optimisation step works on."""
+
+    model: SSLMetaArch
+    forward: Callable[..., LossTerms]
+    """The model, or its DDP wrapper: what the forward goes through."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dtype: str
+    device: torch.device
+    optim: OptimConfig
+
+
+def train_step(
+    ctx: StepContext, micro_batches: Iterable[Batch], values: dict[str, float], freeze_backbone: bool = False
+) -> tuple[dict[str, float], float]:
+    """One iteration: forward/backward over ``accumulation_steps`` micro-batches, clip, AdamW, teacher EMA.
+
+    Returns the mean loss terms of this process and the gradient norm before clipping. Gradients are
+    synchronised (DDP all-reduce / FSDP reduce-scatter) only on the last micro-batch.
+    """
+    steps = ctx.optim.accumulation_steps
+    ctx.optimizer.zero_grad(set_to_none=True)
+    sums = {"total": 0.0, "dino": 0.0, "ibot": 0.0, "koleo": 0.0}
+    for index, batch in enumerate(micro_batches):
+        last = index == steps - 1
+        with _gradient_sync(ctx, enabled=last), autocast(ctx.device, ctx.dtype):
+            terms = ctx.forward(batch, values["teacher_temp"], freeze_backbone)
+            if not torch.isfinite(terms.total):
+                raise NonFiniteLossError(terms.detached())
+            ctx.scaler.scale(terms.total / steps).backward()
+        for name, value in terms.detached().items():
+            sums[name] += value / steps
+    ctx.scaler.unscale_(ctx.optimizer)
+    grad_norm = _clip(ctx.model, ctx.optim.clip_grad)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.model.update_teacher(values["momentum"])
+    return sums, grad_norm
+
+
+def _gradient_sync(ctx: StepContext, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient communication of all but the last micro-batch of an accumulated step."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(ctx.forward, "no_sync"):  # DDP
+        return ctx.forward.no_sync()
+    if hasattr(ctx.model, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(ctx.model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: torch.nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def _build_for_resume(config: TrainConfig, env: DistEnv) -> SSLMetaArch:
     # Weights come from the checkpoint; skip downloading/reading init_from weights that would be overwritten.
     img_size = config.model.img_size or config.crops.global_size
@@ -240,8 +297,12 @@ def _clip(model: SSLMetaArch, max_norm: float) -> float:
     if not params:
         return 0.0
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def _checkpoint(run_dir, step, model, optimizer, scaler, config: TrainConfig, keep: int) -> None:

@@ -85,12 +85,23 @@ class SSLMetaArch(nn.Module):
             block.drop_path = 0.0  # the teacher sees clean inputs: no masks, no stochastic depth
         self.teacher.requires_grad_(False)
         self.packed_sequences = model.packed_sequences
+        self.heads_on_all_patches = False
+        """Baseline only (benchmarks): run the iBOT head on every patch token and select the masked ones after,
+        as the iBOT code does, instead of on the masked tokens alone."""
         self.dino_loss = DINOLoss(student_temp=loss.student_temp)
         self.dino_center = CenteringEMA(heads.dino_prototypes, momentum=loss.center_momentum)
         ibot_prototypes = heads.ibot_prototypes if heads.ibot_separate_head else heads.dino_prototypes
         self.ibot_center = CenteringEMA(ibot_prototypes, momentum=loss.center_momentum)
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _masked_patch_logits(self, net: nn.ModuleDict, cls_tokens: Tensor, patches: Tensor, batch: Batch):
+        """Head outputs for CLS tokens ``[n, D]`` and the masked patches of ``patches [G*B, N, D]``."""
+        if not self.heads_on_all_patches:
+            masked = patches.flatten(0, 1).index_select(0, batch.mask_indices)  # [M, D]
+            return self._heads(net, cls_tokens, masked)
+        cls_logits, all_logits = self._heads(net, cls_tokens, patches.flatten(0, 1))
+        return cls_logits, all_logits.index_select(0, batch.mask_indices)
+
     def _heads(self, net: nn.ModuleDict, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """DINO head on CLS tokens ``[n, D]``, iBOT head on masked patch tokens ``[M, D]`` — one call when shared."""
         if "ibot_head" in net:
@@ -110,9 +121,9 @@ class SSLMetaArch(nn.Module):
         """Teacher probabilities for the DINO loss ``[G, B, K]`` and for the masked patches ``[M, K]``."""
         num_images = batch.num_images
         out = self.teacher["backbone"].forward_features(batch.global_crops)
-        cls_tokens = out["x_norm_clstoken"]  # [G*B, D]
-        patch_tokens = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)  # [M, D]
-        cls_logits, patch_logits = self._heads(self.teacher, cls_tokens, patch_tokens)
+        cls_logits, patch_logits = self._masked_patch_logits(
+            self.teacher, out["x_norm_clstoken"], out["x_norm_patchtokens"], batch
+        )  # [G*B, K], [M, K]
         dino_probs = self._targets(cls_logits.float(), teacher_temp, self.dino_center)
         # called even with no masked patch here: the targets are collective across processes
         ibot_probs = self._targets(patch_logits.float(), teacher_temp, self.ibot_center)
@@ -131,10 +142,10 @@ class SSLMetaArch(nn.Module):
             outs = self.student["backbone"].forward_features_list(crops, masks, packed=self.packed_sequences)
         global_cls = outs[0]["x_norm_clstoken"]  # [G*B, D]
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outs])  # [(G+L)*B, D], crop-major
-        masked_patches = outs[0]["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)  # [M, D]
+        patches = outs[0]["x_norm_patchtokens"]  # [G*B, N, D]
         if freeze_backbone:
-            global_cls, cls_tokens, masked_patches = global_cls.detach(), cls_tokens.detach(), masked_patches.detach()
-        cls_logits, patch_logits = self._heads(self.student, cls_tokens, masked_patches)
+            global_cls, cls_tokens, patches = global_cls.detach(), cls_tokens.detach(), patches.detach()
+        cls_logits, patch_logits = self._masked_patch_logits(self.student, cls_tokens, patches, batch)
 
         zero = cls_logits.new_zeros(())
         dino = self.dino_loss(cls_logits.view(-1, num_images, cls_logits.shape[-1]), dino_targets)

@@ -56,13 +56,19 @@ def apply_fsdp(model: SSLMetaArch, dtype: str, device: torch.device) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def parallelize(model: SSLMetaArch, env: DistEnv, run: RunConfig) -> Callable:
-    """Returns the callable the loop runs forward through (the model itself, or its DDP wrapper)."""
+def parallelize(model: SSLMetaArch, env: DistEnv, run: RunConfig, may_skip_parameters: bool = False) -> Callable:
+    """Returns the callable the loop runs forward through (the model itself, or its DDP wrapper).
+
+    ``may_skip_parameters``: some steps leave trainable parameters without gradient (a heads-only warm-up, a
+    separate iBOT head on a process without masked patches); DDP must then look for them (a small cost).
+    """
     if run.activation_checkpointing:
         apply_activation_checkpointing(model)
     if run.compile:
         apply_compile(model)
-    if not env.distributed:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
         return model
     mode = "ddp" if run.parallel == "auto" else run.parallel
     if mode == "fsdp":
@@ -74,5 +80,5 @@ def parallelize(model: SSLMetaArch, env: DistEnv, run: RunConfig) -> Callable:
         model,
         device_ids=[env.local_rank] if env.device.type == "cuda" else None,
         broadcast_buffers=False,  # the centering buffers are all-reduced by the targets themselves
-        find_unused_parameters=True,  # heads-only warm-up and batches without masked patches leave params unused
+        find_unused_parameters=may_skip_parameters,
     )

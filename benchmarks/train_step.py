@@ -1,0 +1,222 @@
+"""Time one full DINOv2 training step (teacher forward, student forward, losses, backward, clip, AdamW, EMA).
+
+One configuration, one JSON line (median step time after warm-up, peak memory):
+
+    python benchmarks/train_step.py --arch vit_small --batch-size 8 --dtype fp32 --device cpu
+
+The naive way the iBOT code does it (a pass per crop size, heads on every patch token, stochastic depth by
+zeroing, fp32) with ``--baseline``; and every technique added one at a time, each configuration in its own
+process (so peak resident memory is measured cleanly), printed as a table of ratios against the baseline:
+
+    python benchmarks/train_step.py --compare --arch vit_small --batch-size 8 --device cpu
+
+Random data and weights; nothing is downloaded. CPU memory is the peak resident set size of the process;
+CUDA memory is ``torch.cuda.max_memory_allocated`` over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dinolab.data.augmentation import MultiCropViews
+from dinolab.data.collate import Batch, collate_views
+from dinolab.data.masking import MaskingGenerator
+from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, OptimConfig
+from dinolab.train.loop import StepContext, train_step
+from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.train.param_groups import apply_schedules, get_param_groups
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--depth", type=int, default=0, help="0 = the variant's depth")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=98)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--prototypes", type=int, default=65536)
+    parser.add_argument("--drop-path", type=float, default=0.3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--baseline", action="store_true", help="the naive step: all techniques off, fp32")
+    parser.add_argument("--no-packing", action="store_true", help="one student pass per crop size")
+    parser.add_argument("--drop-path-by-zeroing", action="store_true", help="compute every sample, then zero")
+    parser.add_argument("--heads-on-all-patches", action="store_true", help="iBOT head on every patch token")
+    parser.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for the MFU (CUDA)")
+    parser.add_argument("--compare", action="store_true", help="baseline and each technique, as a table")
+    args = parser.parse_args(argv)
+    if args.baseline:
+        args.no_packing = args.drop_path_by_zeroing = args.heads_on_all_patches = True
+        args.fused_adamw = args.compile = args.activation_checkpointing = False
+        args.dtype = "fp32"
+    return args
+
+
+def random_batch(args: argparse.Namespace, seed: int) -> Batch:
+    """A collated batch of random crops with iBOT masks drawn as in training (half the global crops masked)."""
+    g = torch.Generator().manual_seed(seed)
+    views = [
+        MultiCropViews(
+            global_crops=[torch.randn(3, args.global_size, args.global_size, generator=g) for _ in range(2)],
+            local_crops=[
+                torch.randn(3, args.local_size, args.local_size, generator=g) for _ in range(args.local_crops)
+            ],
+            local_size=args.local_size,
+        )
+        for _ in range(args.batch_size)
+    ]
+    grid = args.global_size // args.patch_size
+    return collate_views(views, MaskingGenerator(grid), rng=np.random.default_rng(seed))
+
+
+def build(args: argparse.Namespace) -> StepContext:
+    device = torch.device(args.device)
+    model_cfg = ModelConfig(
+        arch=args.arch,
+        patch_size=args.patch_size,
+        depth=args.depth,
+        drop_path_rate=args.drop_path,
+        efficient_drop_path=not args.drop_path_by_zeroing,
+        packed_sequences=not args.no_packing,
+    )
+    heads = HeadsConfig(dino_prototypes=args.prototypes, ibot_prototypes=args.prototypes)
+    model = SSLMetaArch(model_cfg, heads, LossConfig(), img_size=args.global_size).to(device)
+    model.heads_on_all_patches = args.heads_on_all_patches
+    if args.activation_checkpointing:
+        for block in model.student["backbone"].blocks:
+            block.activation_checkpointing = True
+    if args.compile:
+        for net in (model.student, model.teacher):
+            for block in net["backbone"].blocks:
+                block.compile()
+    groups = get_param_groups(model.student, num_blocks=model.student["backbone"].n_blocks)
+    optimizer = torch.optim.AdamW(groups, fused=True if args.fused_adamw else None)
+    apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    return StepContext(model, model, optimizer, scaler, args.dtype, device, OptimConfig())
+
+
+def count_flops(ctx: StepContext, batch: Batch, values: dict[str, float]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        train_step(ctx, [batch], values)
+    return counter.get_total_flops()
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ctx = build(args)
+    batches = [random_batch(args, seed).to(ctx.device) for seed in range(2)]
+    values = {"teacher_temp": 0.07, "momentum": 0.994}
+    cuda = ctx.device.type == "cuda"
+    times = []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step(ctx, [batches[step % 2]], values)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    peak_mb = (
+        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    result = {
+        "step_time_s": round(step_time, 4),
+        "images_per_s": round(args.batch_size / step_time, 2),
+        "peak_memory_mb": round(peak_mb, 1),
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
+        "prototypes": args.prototypes,
+        "drop_path": args.drop_path,
+        "dtype": args.dtype,
+        "device": str(ctx.device),
+        "threads": torch.get_num_threads(),
+        "packing": not args.no_packing,
+        "efficient_drop_path": not args.drop_path_by_zeroing,
+        "heads_on_masked_only": not args.heads_on_all_patches,
+        "fused_adamw": args.fused_adamw,
+        "compile": args.compile,
+        "activation_checkpointing": args.activation_checkpointing,
+        "torch": torch.__version__,
+    }
+    if cuda:
+        flops = count_flops(ctx, batches[0], values)
+        result["tflops_per_step"] = round(flops / 1e12, 3)
+        result["mfu"] = round(flops / step_time / (args.peak_tflops * 1e12), 4)
+        result["gpu"] = torch.cuda.get_device_name()
+    return result
+
+
+# Each row adds one technique to the previous row.
+LADDER: list[tuple[str, list[str]]] = [
+    ("baseline (iBOT-style, fp32)", ["--baseline"]),
+    ("+ heads on masked tokens only", ["--no-packing", "--drop-path-by-zeroing"]),
+    ("+ efficient stochastic depth", ["--no-packing"]),
+    ("+ sequence packing", []),
+    ("+ fused AdamW", ["--fused-adamw"]),
+    ("+ activation checkpointing", ["--fused-adamw", "--activation-checkpointing"]),
+    ("+ bf16 autocast", ["--fused-adamw", "--activation-checkpointing", "--dtype", "bf16"]),
+]
+
+
+def compare(argv: list[str]) -> None:
+    shared = [a for a in argv if a != "--compare"]
+    rows = []
+    for name, flags in LADDER:
+        output = subprocess.run(
+            [sys.executable, __file__, *shared, *flags], check=True, capture_output=True, text=True
+        ).stdout
+        result = json.loads(output.strip().splitlines()[-1])
+        rows.append((name, result))
+        print(json.dumps({"config": name, **result}), flush=True)
+    base = rows[0][1]
+    print("\n| configuration | step time (s) | images/s | peak memory (MB) | speed-up | memory ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows:
+        speedup = base["step_time_s"] / r["step_time_s"]
+        memory = r["peak_memory_mb"] / base["peak_memory_mb"]
+        print(
+            f"| {name} | {r['step_time_s']:.3f} | {r['images_per_s']:.2f} | {r['peak_memory_mb']:.0f} "
+            f"| {speedup:.2f}x | {memory:.2f} |"
+        )
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    if args.compare:
+        compare(argv)
+    else:
+        print(json.dumps(run_one(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
