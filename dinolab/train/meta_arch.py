@@ -147,21 +147,24 @@ class SSLMetaArch(nn.Module):
             global_cls, cls_tokens, patches = global_cls.detach(), cls_tokens.detach(), patches.detach()
         cls_logits, patch_logits = self._masked_patch_logits(self.student, cls_tokens, patches, batch)
 
-        zero = cls_logits.new_zeros(())
-        dino = self.dino_loss(cls_logits.view(-1, num_images, cls_logits.shape[-1]), dino_targets)
-        ibot = zero
-        if cfg.ibot_weight > 0 and patch_logits.shape[0]:
-            ibot = ibot_loss(
-                patch_logits,
-                ibot_targets,
-                batch.mask_weights,
-                num_images=batch.global_crops.shape[0],
-                student_temp=cfg.student_temp,
-            )
-        koleo = zero
-        if cfg.koleo_weight > 0:
-            koleo = sum(koleo_loss(chunk) for chunk in global_cls.float().chunk(dino_targets.shape[0]))
-        total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+        # the losses reduce over K prototypes: compute them in fp32 even under bf16/fp16 autocast
+        with torch.autocast(cls_logits.device.type, enabled=False):
+            cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
+            zero = cls_logits.new_zeros(())
+            dino = self.dino_loss(cls_logits.view(-1, num_images, cls_logits.shape[-1]), dino_targets.float())
+            ibot = zero
+            if cfg.ibot_weight > 0 and patch_logits.shape[0]:
+                ibot = ibot_loss(
+                    patch_logits,
+                    ibot_targets.float(),
+                    batch.mask_weights,
+                    num_images=batch.global_crops.shape[0],
+                    student_temp=cfg.student_temp,
+                )
+            koleo = zero
+            if cfg.koleo_weight > 0:
+                koleo = sum(koleo_loss(chunk) for chunk in global_cls.float().chunk(dino_targets.shape[0]))
+            total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
         return LossTerms(total=total, dino=dino, ibot=ibot, koleo=koleo)
 
     @torch.no_grad()
