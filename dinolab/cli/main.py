@@ -9,7 +9,11 @@ import sys
 # (subcommand, module under dinolab.cli, one-line help). Each module defines
 # ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("embed", "embed", "features of image files (CLS, pooled / all patch tokens, registers) to npy / Parquet / safetensors"),
+    (
+        "embed",
+        "embed",
+        "features of image files (CLS, pooled / all patch tokens, registers) to npy / Parquet / safetensors",
+    ),
     ("pca", "pca", "the DINOv2 PCA picture of patch features, and CLS attention maps, as PNGs"),
     ("train", "train", "self-supervised pretraining with the DINOv2 method on any folder of images"),
     ("export", "export", "export a run's teacher backbone in the released checkpoint format"),

@@ -64,6 +64,11 @@ class WeightsUnavailableError(RuntimeError):
     """Released weights could not be fetched (offline, unreachable host)."""
 
 
+def is_offline() -> bool:
+    """True when ``DINOLAB_OFFLINE`` is set to anything but an empty string, ``0``, ``false`` or ``no``."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def download_weights(url: str, timeout_s: float = 10.0) -> Path:
     """Fetch ``url`` into the torch.hub checkpoint cache (shared with ``torch.hub.load``), once.
 
@@ -78,11 +83,15 @@ def download_weights(url: str, timeout_s: float = 10.0) -> Path:
         f"download {url} on a machine with internet and pass it as weights='/path/to/{target.name}', "
         f"or copy it to {target}"
     )
-    if os.environ.get(OFFLINE_ENV):
+    if is_offline():
         raise WeightsUnavailableError(f"{OFFLINE_ENV} is set and {target} is not cached; {advice}")
     try:  # a quick reachability check, so offline machines fail fast instead of hanging
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s):
             pass
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            raise WeightsUnavailableError(f"{url} does not exist (HTTP 404); {advice}") from error
+        # the host answered; some servers refuse HEAD requests, so the download itself decides
     except (urllib.error.URLError, TimeoutError, OSError) as error:
         raise WeightsUnavailableError(f"cannot reach {url} ({error}); {advice}") from error
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -132,9 +141,11 @@ def make_dinov2_model(
         interpolate_offset=0.0 if spec.num_register_tokens else 0.1,
     )
     model_kwargs.update(kwargs)
+    # find (or fail to find) the weights before the slow model construction, so a missing file errors at once
+    path = resolve_weights(weights, spec.url) if pretrained else None
     model = build_vit(spec.arch_name, **model_kwargs)
-    if pretrained:
-        load_checkpoint_into(model, resolve_weights(weights, spec.url))
+    if path is not None:
+        load_checkpoint_into(model, path)
     return model.eval()
 
 
@@ -183,8 +194,7 @@ def load_backbone(spec: str | os.PathLike, **kwargs) -> DinoVisionTransformer:
         )
     state_dict = to_dinov2_state_dict(read_state_dict(path))
     arch = infer_arch(state_dict)
-    model = build_vit(
-        arch.arch_name,
+    model_kwargs = dict(
         depth=arch.depth,
         patch_size=arch.patch_size,
         img_size=arch.img_size,
@@ -193,7 +203,8 @@ def load_backbone(spec: str | os.PathLike, **kwargs) -> DinoVisionTransformer:
         ffn_layer="swiglufused" if "blocks.0.mlp.w12.weight" in state_dict else "mlp",
         interpolate_antialias=arch.num_register_tokens > 0,
         interpolate_offset=0.0 if arch.num_register_tokens else 0.1,
-        **kwargs,
     )
+    model_kwargs.update(kwargs)  # the caller may override any of them (e.g. the interpolation rule)
+    model = build_vit(arch.arch_name, **model_kwargs)
     load_strict(model, state_dict, source=str(path))
     return model.eval()

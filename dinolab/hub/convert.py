@@ -106,23 +106,41 @@ def from_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
+# Files on the Hugging Face Hub (and transformers < 5 models) name the attention projections query / key / value /
+# output.dense and the SwiGLU projections weights_in / weights_out; transformers >= 5 models hold them as q_proj /
+# k_proj / v_proj / o_proj and gate_proj / up_proj / down_proj in memory. Both layouts are read.
 _HF_BLOCK_RENAMES = {
     "norm1": "norm1",
     "norm2": "norm2",
     "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
     "layer_scale1.lambda1": "ls1.gamma",
     "layer_scale2.lambda1": "ls2.gamma",
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
     "mlp.weights_in": "mlp.w12",
     "mlp.weights_out": "mlp.w3",
+    "mlp.down_proj": "mlp.w3",
 }
+# Separate HF linears that the released model fuses: HF name -> (released name, position along the output dim).
+_HF_FUSED = {
+    "attention.attention.query": ("attn.qkv", 0),
+    "attention.attention.key": ("attn.qkv", 1),
+    "attention.attention.value": ("attn.qkv", 2),
+    "attention.q_proj": ("attn.qkv", 0),
+    "attention.k_proj": ("attn.qkv", 1),
+    "attention.v_proj": ("attn.qkv", 2),
+    "mlp.gate_proj": ("mlp.w12", 0),  # SwiGLU: silu(gate) * up, gate first as in w12
+    "mlp.up_proj": ("mlp.w12", 1),
+}
+_FUSED_PARTS = {"attn.qkv": 3, "mlp.w12": 2}
 
 
 def from_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` -> released layout (q, k, v fused to qkv)."""
+    """Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` -> released layout (q, k, v fused to qkv;
+    SwiGLU gate and up projections fused to w12)."""
     out: StateDict = {}
-    qkv_parts: dict[tuple[int, str], dict[str, Tensor]] = {}
+    fused_parts: dict[tuple[int, str, str], dict[int, Tensor]] = {}
     for key, value in state_dict.items():
         if key == "embeddings.cls_token":
             out["cls_token"] = value
@@ -138,8 +156,9 @@ def from_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
             out["norm." + key.rsplit(".", 1)[1]] = value
         elif match := re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key):
             index, name, kind = int(match.group(1)), match.group(2), match.group(3)
-            if qkv := re.match(r"attention\.attention\.(query|key|value)$", name):
-                qkv_parts.setdefault((index, kind), {})[qkv.group(1)] = value
+            if name in _HF_FUSED:
+                target, position = _HF_FUSED[name]
+                fused_parts.setdefault((index, target, kind), {})[position] = value
             elif kind == "lambda1":
                 out[f"blocks.{index}.{_HF_BLOCK_RENAMES[name + '.lambda1']}"] = value
             elif name in _HF_BLOCK_RENAMES:
@@ -147,8 +166,13 @@ def from_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
             else:
                 raise CheckpointMismatchError(f"unknown Hugging Face DINOv2 key {key!r}")
         # pooler / classifier weights are not part of the backbone
-    for (index, kind), parts in qkv_parts.items():
-        out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    for (index, target, kind), parts in fused_parts.items():
+        if len(parts) != _FUSED_PARTS[target]:
+            raise CheckpointMismatchError(
+                f"Hugging Face checkpoint has only {len(parts)} of the {_FUSED_PARTS[target]} projections that make "
+                f"blocks.{index}.{target}.{kind}; the file is incomplete"
+            )
+        out[f"blocks.{index}.{target}.{kind}"] = torch.cat([parts[i] for i in sorted(parts)])
     return out
 
 

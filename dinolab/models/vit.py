@@ -222,6 +222,10 @@ class DinoVisionTransformer(nn.Module):
         wanted = set(range(total - n, total)) if isinstance(n, int) else set(n)
         if not wanted <= set(range(total)):
             raise ValueError(f"block indices {sorted(wanted)} out of range for a {total}-block model")
+        if not isinstance(n, int) and len(wanted) != len(n):
+            raise ValueError(f"block indices {list(n)} repeat a block; list each block once")
+        if not wanted:  # n=0 or n=[]: nothing to run, as in the official code
+            return []
         outputs = []
         for index, block in enumerate(self.blocks):
             tokens = block(tokens)

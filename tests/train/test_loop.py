@@ -102,7 +102,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(noise_images, 
 
 def test_continued_pretraining_starts_from_weights_and_freezes_the_backbone(noise_images, uninterrupted, tmp_path):
     source = uninterrupted / "teacher_backbone.pth"
-    train(tiny_config(noise_images, tmp_path, f"model.init_from={source}", "optim.freeze_backbone_iters=2", "run.stop_after_iters=2"))
+    train(
+        tiny_config(
+            noise_images,
+            tmp_path,
+            f"model.init_from={source}",
+            "optim.freeze_backbone_iters=2",
+            "run.stop_after_iters=2",
+        )
+    )
     state = load_run_state(tmp_path)
     initial = torch.load(source, weights_only=True)
     for key, value in initial.items():

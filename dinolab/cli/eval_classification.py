@@ -1,0 +1,156 @@
+"""Arguments and plumbing shared by ``dinolab eval knn | linear | logreg``: argv -> backbone, sets, configs."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinolab.eval.classification import evaluate_classification
+from dinolab.eval.datasets import LabelledData, LabelledImages, load_labelled
+from dinolab.eval.features import ExtractionConfig, file_fingerprint
+from dinolab.eval.results import ClassificationReport, write_report
+
+DATA_HELP = (
+    "a class-folder tree, a .txt/.csv list of 'path label' lines, torchvision:NAME[:SPLIT] (e.g. torchvision:cifar10), "
+    "or precomputed embeddings (.npz, or .npy / folder with labels)"
+)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("backbone")
+    model.add_argument(
+        "--model",
+        help="hub name (dinov2_vits14), architecture for random init (vit_small) or "
+        "checkpoint file; not needed when every set is precomputed embeddings",
+    )
+    model.add_argument("--weights", help="checkpoint file to load into --model (any supported format)")
+    model.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra keyword for building the backbone, e.g. depth=2 or pretrained=False (repeatable)",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--train", required=True, metavar="DATA", help="training set: " + DATA_HELP)
+    data.add_argument("--val", metavar="DATA", help="validation set (default: a stratified part of --train)")
+    data.add_argument("--test", metavar="DATA", help="optional test set, reported with the choice made on --val")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="held-out part of train (default 0.1)")
+    data.add_argument(
+        "--data-root", help="where torchvision datasets live (default $DINOLAB_DATA or ~/.cache/dinolab/datasets)"
+    )
+    data.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    extract = parser.add_argument_group("feature extraction")
+    extract.add_argument("--batch-size", type=int, default=64, help="extraction batch size (default 64)")
+    extract.add_argument("--num-workers", type=int, default=2)
+    extract.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="backbone autocast dtype")
+    extract.add_argument("--device", help="cuda, cuda:1, cpu … (default: cuda when available)")
+    extract.add_argument("--resize", type=int, default=256, help="short side before the center crop (default 256)")
+    extract.add_argument("--crop", type=int, default=224, help="center-crop size (default 224)")
+    extract.add_argument(
+        "--cache-dir",
+        default="~/.cache/dinolab/features",
+        help="extracted features are kept and reused here (default %(default)s)",
+    )
+    extract.add_argument("--no-cache", action="store_true", help="always extract, never read or write the cache")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for <task>.json and <task>.md")
+    parser.add_argument("--seed", type=int, default=0, help="seed of splits, random init and training (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+@dataclass
+class Inputs:
+    backbone: nn.Module | None
+    model_id: str | None
+    train: LabelledData
+    val: LabelledData | None
+    test: LabelledData | None
+    extraction: ExtractionConfig
+
+
+def _model_kwargs(pairs: list[str]) -> dict[str, object]:
+    kwargs: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text  # a bare word is a string
+    return kwargs
+
+
+def load_model(spec: str, weights: str | None, kwargs: dict[str, object]) -> tuple[nn.Module, str]:
+    """The backbone and a cheap identity for the feature cache (files: path + size + mtime)."""
+    from dinolab.hub import RELEASED, load_backbone, load_checkpoint_into
+    from dinolab.models.vit import ARCHS
+
+    identity = f"{spec}:{sorted(kwargs.items())}"
+    if spec in RELEASED and weights:
+        return load_backbone(spec, weights=weights, **kwargs), f"{identity}:{file_fingerprint(weights)}"
+    model = load_backbone(spec, **kwargs)
+    if weights:
+        if spec not in ARCHS:
+            raise SystemExit("--weights goes with a hub name or an architecture name, not with a checkpoint --model")
+        load_checkpoint_into(model, weights)
+        return model, f"{identity}:{file_fingerprint(weights)}"
+    if Path(spec).expanduser().is_file():
+        return model, f"{identity}:{file_fingerprint(Path(spec).expanduser())}"
+    return model, None  # random init: identified by hashing its state dict
+
+
+def prepare(args: argparse.Namespace) -> Inputs:
+    """Open the sets and the backbone named on the command line."""
+
+    def open_set(spec: str | None, role: str) -> LabelledData | None:
+        if spec is None:
+            return None
+        return load_labelled(spec, role=role, data_root=args.data_root, download=args.download)
+
+    train, val, test = open_set(args.train, "train"), open_set(args.val, "eval"), open_set(args.test, "eval")
+    needs_model = any(isinstance(s, LabelledImages) for s in (train, val, test))
+    backbone, model_id = None, None
+    if needs_model:
+        if not args.model:
+            raise SystemExit("--model is needed to extract features from images (e.g. --model dinov2_vits14)")
+        torch.manual_seed(args.seed)  # random-init backbones are reproducible
+        backbone, model_id = load_model(args.model, args.weights, _model_kwargs(args.model_arg))
+    extraction = ExtractionConfig(
+        resize=args.resize,
+        crop=args.crop,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        dtype=args.dtype,
+        device=args.device,
+        cache_dir=None if args.no_cache else os.fspath(args.cache_dir),
+        progress=not args.no_progress,
+    )
+    return Inputs(backbone, model_id, train, val, test, extraction)
+
+
+def run_tasks(args: argparse.Namespace, task: str, **configs: object) -> int:
+    """Run one task end to end, write ``<task>.json`` / ``<task>.md`` in ``--output`` and print the table."""
+    inputs = prepare(args)
+    report: ClassificationReport = evaluate_classification(
+        inputs.backbone,
+        inputs.train,
+        inputs.val,
+        inputs.test,
+        tasks=(task,),
+        extraction=inputs.extraction,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        model_id=inputs.model_id,
+        **configs,
+    )
+    report.config["command"] = {key: value for key, value in vars(args).items() if not key.startswith("_")}
+    print(write_report(report, args.output, stem=task))
+    print(f"results written to {Path(args.output) / (task + '.json')} and {task}.md")
+    return 0

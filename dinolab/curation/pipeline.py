@@ -1,0 +1,425 @@
+"""The curation pipeline: (embed) -> deduplicate -> decontaminate -> retrieve / balance -> outputs.
+
+Every ``dinolab curate`` subcommand is this pipeline with some stages present. The pool is the store named
+by ``pool``; the other stages may bring their own stores (a copy-detection embedding for deduplication, the
+evaluation sets, the seed sets), matched to the pool by image path. Each stage only sees the images that the
+previous stages kept, and records why it dropped the others.
+
+A config file (TOML or JSON) mirrors :class:`PipelineConfig`; see docs/curation.md for a full example.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import numpy as np
+
+from dinolab.curation import report
+from dinolab.curation.decontaminate import decontaminate
+from dinolab.curation.dedup import deduplicate
+from dinolab.curation.embed import EmbedConfig, TransformConfig, embed_images
+from dinolab.curation.index import IndexConfig, choose_kind
+from dinolab.curation.kmeans import KMeansConfig, balanced_sample, hierarchical_kmeans
+from dinolab.curation.retrieve import retrieve_by_cluster, retrieve_nearest
+from dinolab.curation.store import ArrayLike, EmbeddingStore, RowSubset, ShardedArray
+
+SELECT_MODES = ("all", "sample", "cluster", "balance")
+
+
+# ------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True, kw_only=True)
+class EmbedOptions:
+    """Embedding settings shared by every store the pipeline has to build."""
+
+    shard_size: int = 4096
+    batch_size: int = 64
+    num_workers: int = 2
+    dtype: str = "fp32"
+    storage_dtype: str = "fp16"
+    device: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreSpec:
+    """An embedding store; with ``model`` and ``inputs`` it is embedded (or finished) first."""
+
+    store: Path
+    model: str | None = None
+    inputs: tuple[str, ...] = ()
+    resize: int = 256
+    crop: int = 224
+
+    def __post_init__(self) -> None:
+        if bool(self.inputs) != bool(self.model):
+            raise ValueError(f"store {self.store}: give both model and inputs to embed it, or neither to reuse it")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DedupStage:
+    threshold: float = 0.95
+    """Pairs with cosine similarity >= threshold are duplicates."""
+    k: int = 16
+    """Neighbours examined per image."""
+    store: StoreSpec | None = None
+    """Copy-detection embedding of the pool (e.g. SSCD); default: the pool store."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecontaminateStage:
+    eval: tuple[StoreSpec, ...] = ()
+    """Evaluation sets, embedded with the same model as ``store``."""
+    threshold: float = 0.95
+    store: StoreSpec | None = None
+    """Pool embedding compared with the evaluation sets; default: the pool store."""
+
+    def __post_init__(self) -> None:
+        if not self.eval:
+            raise ValueError("decontamination needs at least one evaluation store")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectStage:
+    mode: str = "all"
+    """``all`` (keep every survivor), ``sample`` / ``cluster`` (retrieve around seeds), ``balance`` (seedless)."""
+    seeds: tuple[StoreSpec, ...] = ()
+    """Curated seed sets (sample / cluster modes), embedded with the pool's model."""
+    n: int = 4
+    """sample mode: nearest pool images per seed image."""
+    m: int = 100
+    """cluster mode: pool images taken from the cluster of each seed image."""
+    clusters: tuple[int, ...] = (1000, 100, 10)
+    """cluster mode: the first value is the number of k-means clusters; balance mode: clusters per level."""
+    target: int | None = None
+    """balance mode: number of images to keep."""
+    pick: str = "nearest"
+    """``nearest`` (to the seed / leaf centroid) or ``random``."""
+    resampling_steps: int = 0
+    """balance mode: resampling refinements per level (levels above the first; Vo et al. skip level 1)."""
+    niter: int = 20
+    """k-means iterations."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in SELECT_MODES:
+            raise ValueError(f"select mode must be one of {SELECT_MODES}, got {self.mode!r}")
+        if self.mode in ("sample", "cluster") and not self.seeds:
+            raise ValueError(f"select mode {self.mode!r} needs at least one seed store")
+        if self.mode == "balance" and (self.target is None or self.target < 1):
+            raise ValueError("select mode 'balance' needs target >= 1 (the number of images to keep)")
+        if self.pick not in ("nearest", "random"):
+            raise ValueError(f"pick must be 'nearest' or 'random', got {self.pick!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """A whole curation run."""
+
+    pool: StoreSpec
+    """The uncurated pool (its embeddings drive retrieval / balancing)."""
+    output: Path
+    """Output folder: selected.txt, manifest, summary.json/md, plots/."""
+    dedup: DedupStage | None = None
+    decontaminate: DecontaminateStage | None = None
+    select: SelectStage = field(default_factory=SelectStage)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    embed: EmbedOptions = field(default_factory=EmbedOptions)
+    manifest_format: str = "csv"
+    """``csv`` or ``parquet``."""
+    command: str = "run"
+    """Name shown in the summary."""
+
+    def __post_init__(self) -> None:
+        if self.manifest_format not in ("csv", "parquet"):
+            raise ValueError(f"manifest_format must be 'csv' or 'parquet', got {self.manifest_format!r}")
+
+
+def _build(cls: type, value: Any, where: str) -> Any:
+    """A (nested) dataclass from plain dicts / lists, rejecting unknown keys with their location."""
+    if value is None:
+        return None
+    if is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a table of settings, got {value!r}")
+        hints = get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(value) - known):
+            raise ValueError(f"unknown setting(s) {unknown} in {where}; known: {sorted(known)}")
+        return cls(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    origin, args = get_origin(cls), get_args(cls)
+    if origin is tuple:
+        return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if args and type(None) in args:  # X | None
+        return _build(next(a for a in args if a is not type(None)), value, where)
+    if cls is Path:
+        return Path(value)
+    return value
+
+
+def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a TOML / JSON pipeline config; relative paths stay relative to the working directory."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        try:
+            import tomllib
+        except ImportError as error:  # Python 3.10
+            raise ImportError(f"reading {path} needs Python >= 3.11 (tomllib); write the config as .json") from error
+        data = tomllib.loads(text)
+    data.update(overrides or {})
+    return _build(PipelineConfig, data, path.name)
+
+
+def config_to_dict(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [config_to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- execution
+def open_store(spec: StoreSpec, options: EmbedOptions) -> EmbeddingStore:
+    """Embed (or finish embedding) ``spec`` when it names a model and inputs, then open it complete."""
+    if spec.model:
+        embed_images(
+            EmbedConfig(
+                model=spec.model,
+                inputs=tuple(spec.inputs),
+                store=Path(spec.store),
+                transform=TransformConfig(resize=spec.resize, crop=spec.crop),
+                shard_size=options.shard_size,
+                batch_size=options.batch_size,
+                num_workers=options.num_workers,
+                dtype=options.dtype,
+                storage_dtype=options.storage_dtype,
+                device=options.device,
+            )
+        )
+    return EmbeddingStore.open(spec.store)
+
+
+def aligned_vectors(store: EmbeddingStore, paths: list[str], what: str) -> ArrayLike:
+    """``store``'s rows reordered to follow ``paths`` (the pool's rows); every path must be in the store."""
+    if store.paths() == paths:
+        return store.vectors()
+    row_of = {p: i for i, p in enumerate(store.paths())}
+    missing = [p for p in paths if p not in row_of]
+    if missing:
+        raise ValueError(
+            f"{what} store {store.root} lacks {len(missing)} of the pool's images (e.g. {missing[0]}); "
+            "embed the same inputs into it"
+        )
+    return RowSubset(store.vectors(), np.array([row_of[p] for p in paths], dtype=np.int64))
+
+
+@dataclass
+class CurationState:
+    """Per pool row: alive or not, and what the manifest will say."""
+
+    paths: list[str]
+    sources: list[str]
+    alive: np.ndarray  # [N] bool
+    reason: list[str]
+    similarity: np.ndarray  # [N] float32
+    twin: list[str]
+    cluster: np.ndarray  # [N] int64
+
+    @classmethod
+    def start(cls, store: EmbeddingStore) -> CurationState:
+        n = len(store)
+        return cls(
+            store.paths(),
+            store.row_sources(),
+            np.ones(n, dtype=bool),
+            [report.KEPT] * n,
+            np.full(n, np.nan, dtype=np.float32),
+            [""] * n,
+            np.full(n, -1, dtype=np.int64),
+        )
+
+    def drop(self, rows: np.ndarray, reason: str, similarity: np.ndarray, twins: list[str]) -> None:
+        self.alive[rows] = False
+        for row, sim, twin in zip(rows, similarity, twins):
+            self.reason[row], self.similarity[row], self.twin[row] = reason, sim, twin
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run the configured stages and write the outputs; returns the summary (also in summary.json)."""
+    out = Path(config.output)
+    plots_dir = out / "plots"
+    summary: dict[str, Any] = {"command": config.command}
+    timings: dict[str, float] = {}
+    plots: list[Path] = []
+
+    tick = time.perf_counter()
+    pool_store = open_store(config.pool, config.embed)
+    timings["embed_pool_s"] = time.perf_counter() - tick
+    state = CurationState.start(pool_store)
+    pool: ArrayLike = pool_store.vectors()
+    summary.update(
+        inputs=pool_store.meta.num_inputs,
+        unreadable=len(pool_store.failures()),
+        pool=len(state.paths),
+        model=pool_store.meta.model,
+        index=choose_kind(len(state.paths), pool.shape[1], config.index),
+    )
+
+    if config.dedup is not None:
+        tick = time.perf_counter()
+        _dedup(config, state, pool, summary, plots, plots_dir)
+        timings["dedup_s"] = time.perf_counter() - tick
+    if config.decontaminate is not None:
+        tick = time.perf_counter()
+        _decontaminate(config, state, pool, summary, plots, plots_dir)
+        timings["decontaminate_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    _select(config, state, pool, summary, plots, plots_dir)
+    timings["select_s"] = time.perf_counter() - tick
+
+    kept = [p for p, a in zip(state.paths, state.alive) if a]
+    failures = pool_store.failures()
+    manifest = report.Manifest(
+        path=state.paths + [f["path"] for f in failures],
+        source=state.sources + pool_store.sources_of([f["index"] for f in failures]),
+        kept=np.concatenate([state.alive, np.zeros(len(failures), dtype=bool)]),
+        reason=state.reason + [report.UNREADABLE] * len(failures),
+        cluster=np.concatenate([state.cluster, np.full(len(failures), -1, dtype=np.int64)]),
+        similarity=np.concatenate([state.similarity, np.full(len(failures), np.nan, dtype=np.float32)]),
+        twin=state.twin + [f["error"] for f in failures],
+    )
+    selected = report.write_path_list(kept, out / "selected.txt")
+    manifest_path = report.write_manifest(manifest, out / f"manifest.{config.manifest_format}")
+    summary.update(selected=len(kept), outputs={"selected": selected, "manifest": manifest_path})
+    summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    summary["config"] = config_to_dict(config)
+    report.write_summary(summary, out, plots)
+    return summary
+
+
+def _dedup(
+    config: PipelineConfig,
+    state: CurationState,
+    pool: ArrayLike,
+    summary: dict[str, Any],
+    plots: list[Path],
+    plots_dir: Path,
+) -> None:
+    stage = config.dedup
+    x = pool
+    if stage.store is not None:
+        x = aligned_vectors(open_store(stage.store, config.embed), state.paths, "deduplication")
+    alive = np.nonzero(state.alive)[0]
+    result = deduplicate(RowSubset(x, alive), stage.threshold, stage.k, config.index)
+    removed = np.nonzero(~result.keep)[0]
+    twins = [state.paths[alive[t]] for t in result.twin[removed]]
+    state.drop(alive[removed], report.DUPLICATE, result.similarity[removed], twins)
+    summary.update(duplicates=result.num_removed, duplicate_groups=len(np.unique(result.component[removed])))
+    plots.append(
+        report.plot_similarity_histogram(
+            result.pair_similarities,
+            stage.threshold,
+            "k-NN pair similarity (dedup)",
+            plots_dir / "dedup_similarity.png",
+        )
+    )
+
+
+def _decontaminate(
+    config: PipelineConfig,
+    state: CurationState,
+    pool: ArrayLike,
+    summary: dict[str, Any],
+    plots: list[Path],
+    plots_dir: Path,
+) -> None:
+    stage = config.decontaminate
+    x = pool
+    if stage.store is not None:
+        x = aligned_vectors(open_store(stage.store, config.embed), state.paths, "decontamination")
+    eval_stores = [open_store(spec, config.embed) for spec in stage.eval]
+    eval_paths = [s.paths() for s in eval_stores]
+    alive = np.nonzero(state.alive)[0]
+    result = decontaminate(RowSubset(x, alive), [s.vectors() for s in eval_stores], stage.threshold, config.index)
+    dropped = np.nonzero(result.drop)[0]
+    twins = [eval_paths[result.match_set[r]][result.match[r]] for r in dropped]
+    state.drop(alive[dropped], report.CONTAMINATED, result.similarity[dropped], twins)
+    summary.update(contaminated=result.num_dropped)
+    plots.append(
+        report.plot_similarity_histogram(
+            result.similarity, stage.threshold, "max similarity to evaluation images", plots_dir / "eval_similarity.png"
+        )
+    )
+
+
+def _select(
+    config: PipelineConfig,
+    state: CurationState,
+    pool: ArrayLike,
+    summary: dict[str, Any],
+    plots: list[Path],
+    plots_dir: Path,
+) -> None:
+    stage = config.select
+    summary["select_mode"] = stage.mode
+    if stage.mode == "all":
+        return
+    alive = np.nonzero(state.alive)[0]
+    x = RowSubset(pool, alive)
+    kmeans_config = KMeansConfig(niter=stage.niter, seed=stage.seed)
+    clusters_before = None
+    if stage.mode in ("sample", "cluster"):
+        seed_stores = [open_store(spec, config.embed) for spec in stage.seeds]
+        seed_paths = [p for s in seed_stores for p in s.paths()]
+        seeds = ShardedArray([part for s in seed_stores for part in s.vectors().parts])
+        if stage.mode == "sample":
+            result = retrieve_nearest(x, seeds, stage.n, config.index)
+        else:
+            result = retrieve_by_cluster(x, seeds, min(stage.clusters[0], len(x)), stage.m, stage.pick, kmeans_config)
+            state.cluster[alive] = result.pool_cluster
+            clusters_before = np.bincount(result.pool_cluster, minlength=min(stage.clusters[0], len(x)))
+        chosen = result.selected
+        best, seed_of = result.best_seed(len(x))
+        reason_in, reason_out = report.RETRIEVED, report.NOT_RETRIEVED
+        plots.append(
+            report.plot_similarity_histogram(
+                result.similarity[result.neighbors >= 0],
+                None,
+                "seed-to-retrieved similarity",
+                plots_dir / "retrieval_similarity.png",
+            )
+        )
+        state.similarity[alive[chosen]] = best[chosen]
+        for r in chosen:
+            state.twin[alive[r]] = seed_paths[seed_of[r]]
+        summary.update(seeds=len(seeds))
+    else:
+        levels = [min(k, len(x)) for k in stage.clusters]
+        tree = hierarchical_kmeans(x, levels, kmeans_config, [0] + [stage.resampling_steps] * (len(levels) - 1))
+        chosen = balanced_sample(tree, stage.target, stage.pick, stage.seed)
+        state.cluster[alive] = tree.levels[0].assignment
+        clusters_before = tree.sizes(0)
+        reason_in, reason_out = report.SAMPLED, report.NOT_SAMPLED
+        summary.update(target=stage.target, levels=levels)
+    is_chosen = np.zeros(len(x), dtype=bool)
+    is_chosen[chosen] = True
+    for r, c in zip(alive, is_chosen):
+        state.reason[r] = reason_in if c else reason_out
+    state.alive[alive[~is_chosen]] = False
+    if clusters_before is not None:
+        labels = state.cluster[alive]
+        after = np.bincount(labels[is_chosen], minlength=len(clusters_before))
+        plots.append(
+            report.plot_cluster_sizes(clusters_before, after, plots_dir / "cluster_sizes.png", "cluster sizes (leaves)")
+        )
+        summary.update(
+            largest_cluster_share_before=round(float(clusters_before.max() / max(clusters_before.sum(), 1)), 6),
+            largest_cluster_share_after=round(float(after.max() / max(after.sum(), 1)), 6),
+        )

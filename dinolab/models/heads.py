@@ -1,0 +1,97 @@
+"""Projection heads of DINOv2 pretraining: the DINO head (also used as the iBOT head)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+# Key suffixes of the weight-normalised last layer: the deprecated ``torch.nn.utils.weight_norm`` (used by the
+# official checkpoints) vs ``torch.nn.utils.parametrizations.weight_norm`` (used here).
+_OFFICIAL_TO_PARAMETRIZED = {
+    "last_layer.weight_g": "last_layer.parametrizations.weight.original0",
+    "last_layer.weight_v": "last_layer.parametrizations.weight.original1",
+}
+
+
+class DINOHead(nn.Module):
+    """MLP projection to ``out_dim`` prototype scores (logits): the DINO and iBOT heads of DINOv2.
+
+    ``x [..., in_dim] -> MLP (in -> hidden -> ... -> bottleneck, GELU between) -> L2-normalise
+    -> weight-normalised linear bottleneck -> out_dim (no bias) -> [..., out_dim]``.
+
+    The last layer is ``last_layer`` (the training loop zeroes its learning rate for the first epoch). Its
+    weight is ``g * v / ||v||`` per prototype with the magnitude ``g`` initialised to 1, so at start every logit
+    is a cosine similarity in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        mlp_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("in_dim", in_dim),
+            ("out_dim", out_dim),
+            ("hidden_dim", hidden_dim),
+            ("bottleneck_dim", bottleneck_dim),
+            ("nlayers", nlayers),
+        ):
+            if value < 1:
+                raise ValueError(f"DINOHead {name} must be >= 1, got {value}")
+        self.mlp = _build_mlp(nlayers, in_dim, hidden_dim, bottleneck_dim, bias=mlp_bias)
+        self.mlp.apply(_init_linear)
+        # As in the official head, the prototype layer keeps nn.Linear's default init for its direction ``v``
+        # (only ``||v||`` matters to the effective step size of a weight-normalised layer).
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)  # [..., bottleneck]
+        # 1e-12 underflows in fp16; the official head uses 1e-6 there.
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        x = F.normalize(x, dim=-1, p=2, eps=eps)
+        return self.last_layer(x)  # [..., out_dim]
+
+
+def _build_mlp(nlayers: int, in_dim: int, hidden_dim: int, bottleneck_dim: int, bias: bool) -> nn.Module:
+    if nlayers == 1:
+        return nn.Linear(in_dim, bottleneck_dim, bias=bias)
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=bias), nn.GELU()]
+    for _ in range(nlayers - 2):
+        layers += [nn.Linear(hidden_dim, hidden_dim, bias=bias), nn.GELU()]
+    layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=bias))
+    return nn.Sequential(*layers)
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def head_state_dict_from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the keys of an official DINOv2 head state dict to this module's keys.
+
+    ``[prefix]last_layer.weight_g`` / ``weight_v`` (the deprecated ``torch.nn.utils.weight_norm``) become
+    ``[prefix]last_layer.parametrizations.weight.original0`` / ``original1``; other keys pass through unchanged,
+    so a whole checkpoint (e.g. with ``dino_head.`` prefixes) can be converted at once.
+    """
+    return {_rename_official_key(key): value for key, value in state_dict.items()}
+
+
+def _rename_official_key(key: str) -> str:
+    for old, new in _OFFICIAL_TO_PARAMETRIZED.items():
+        if key == old or key.endswith("." + old):
+            return key[: len(key) - len(old)] + new
+    return key
