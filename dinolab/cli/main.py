@@ -15,6 +15,7 @@ COMMANDS: list[tuple[str, str, str]] = [
         "features of image files (CLS, pooled / all patch tokens, registers) to npy / Parquet / safetensors",
     ),
     ("pca", "pca", "the DINOv2 PCA picture of patch features, and CLS attention maps, as PNGs"),
+    ("quickstart", "quickstart", "pretrain a small ViT on built-in images, evaluate it, write a report (minutes, CPU)"),
     ("train", "train", "self-supervised pretraining with the DINOv2 method on any folder of images"),
     ("export", "export", "export a run's teacher backbone in the released checkpoint format"),
     ("eval", "eval", "frozen-feature evaluations: knn, linear, logreg, segmentation, depth, retrieval, video"),

@@ -1,5 +1,29 @@
 """Feature extraction with frozen backbones."""
 
+from dinolab.features.embed import (
+    OUTPUTS,
+    EmbeddingResult,
+    Resolution,
+    embed_images,
+    parse_image_size,
+    token_features,
+)
 from dinolab.features.extract import Extracted, autocast_context, cls_features, default_device, extract_features
+from dinolab.features.writers import read_parquet_features, summarize, write_embeddings
 
-__all__ = ["Extracted", "autocast_context", "cls_features", "default_device", "extract_features"]
+__all__ = [
+    "OUTPUTS",
+    "EmbeddingResult",
+    "Extracted",
+    "Resolution",
+    "autocast_context",
+    "cls_features",
+    "default_device",
+    "embed_images",
+    "extract_features",
+    "parse_image_size",
+    "read_parquet_features",
+    "summarize",
+    "token_features",
+    "write_embeddings",
+]

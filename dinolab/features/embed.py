@@ -1,0 +1,233 @@
+"""Embed image files with a frozen backbone: CLS, pooled patch, patch and register features, row-aligned with paths.
+
+The library side of ``dinolab embed``: usable from Python as ::
+
+    from dinolab.features import embed_images
+    from dinolab.hub import load_backbone
+
+    result = embed_images(load_backbone("dinov2_vits14"), ["photos/"], outputs=("cls", "patch_pooled"))
+    result.features["cls"]  # [N, 384], row i <-> result.paths[i]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from dinolab.data.images import ImageFileDataset
+from dinolab.data.transforms import make_eval_transform, make_resize_transform
+from dinolab.features.extract import DTYPES, extract_features
+
+# name -> what it holds; the order is the order of the output files
+OUTPUTS: dict[str, str] = {
+    "cls": "normalised CLS token [N, D]",
+    "patch_pooled": "mean of the normalised patch tokens [N, D]",
+    "patch_tokens": "normalised patch tokens [N, h*w, D] (row-major patch grid)",
+    "registers": "normalised register tokens [N, R, D]",
+}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How images are brought to the model's input size.
+
+    ``mode="crop"``: resize the short side to ``resize`` then center-crop ``crop x crop`` (the official evaluation
+    transform, 256 -> 224). ``mode="resize"``: resize the whole image to ``height x width`` (dense features of the
+    full picture, e.g. 448 for PCA pictures).
+    """
+
+    mode: str = "crop"
+    resize: int = 256
+    """Short side before the center crop (``mode="crop"``)."""
+    crop: int = 224
+    """Side of the square center crop (``mode="crop"``)."""
+    height: int = 224
+    """Input height (``mode="resize"``)."""
+    width: int = 224
+    """Input width (``mode="resize"``)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("crop", "resize"):
+            raise ValueError(f"resolution mode must be 'crop' or 'resize', got {self.mode!r}")
+        sizes = {"resize": self.resize, "crop": self.crop, "height": self.height, "width": self.width}
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be a positive number of pixels, got {value}")
+        if self.mode == "crop" and self.crop > self.resize:
+            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}; choose crop <= resize")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the tensors the model sees."""
+        return (self.crop, self.crop) if self.mode == "crop" else (self.height, self.width)
+
+    def check_patch_size(self, patch_size: int) -> None:
+        """Raise a clear error when the input size is not a whole number of patches."""
+        height, width = self.input_size
+        if height % patch_size or width % patch_size:
+            flag = f"--crop {self.crop}" if self.mode == "crop" else f"--image-size {height}x{width}"
+            near = [max(patch_size, round(side / patch_size) * patch_size) for side in (height, width)]
+            raise ValueError(
+                f"{flag}: the input size {height}x{width} must be a multiple of the model's patch size {patch_size} "
+                f"on both sides; use e.g. {near[0]}x{near[1]} (or {near[0]} for a square input)"
+            )
+
+    def transform(self) -> Callable[[Image.Image], Tensor]:
+        """PIL image -> normalised ``[3, H, W]`` tensor."""
+        if self.mode == "crop":
+            return make_eval_transform(self.resize, self.crop)
+        return make_resize_transform(self.height, self.width)
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-friendly description (for ``summary.json``)."""
+        height, width = self.input_size
+        if self.mode == "crop":
+            return {"mode": "resize_short_side_then_center_crop", "resize": self.resize, "crop": self.crop}
+        return {"mode": "resize_whole_image", "height": height, "width": width}
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"448"`` -> ``(448, 448)``, ``"448x672"`` -> ``(448, 672)`` (height x width)."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"image size {text!r} is not H or HxW in pixels (e.g. 448 or 448x672)")
+    height, width = (int(parts[0]), int(parts[-1]))
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size {text!r} must be positive")
+    return height, width
+
+
+@dataclass
+class EmbeddingResult:
+    """Features of the readable images, row-aligned with ``paths``, and the images that could not be read."""
+
+    paths: list[Path]  # [N] images that were embedded, in input order
+    features: dict[str, np.ndarray]  # output name -> [N, ...] float32
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (path, error message)
+    input_size: tuple[int, int] = (0, 0)  # (H, W) the model saw
+    patch_grid: tuple[int, int] = (0, 0)  # (h, w) patches per side
+    seconds: float = 0.0  # wall time of reading + embedding
+
+    @property
+    def num_requested(self) -> int:
+        return len(self.paths) + len(self.failed)
+
+    @property
+    def images_per_s(self) -> float:
+        """Embedded images per second of wall time (reading and preprocessing included)."""
+        return len(self.paths) / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_outputs(model: nn.Module, outputs: Sequence[str]) -> list[str]:
+    """Validate the requested outputs against :data:`OUTPUTS` and the model (registers need register tokens)."""
+    unknown = [name for name in outputs if name not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
+    if "registers" in outputs and not getattr(model, "num_register_tokens", 0):
+        raise ValueError(
+            "registers were requested but the model has no register tokens; use a register model "
+            "(e.g. dinov2_vits14_reg) or drop --registers"
+        )
+    return [name for name in OUTPUTS if name in outputs]  # canonical order, no duplicates
+
+
+def token_features(outputs: Sequence[str]) -> Callable[[nn.Module, Tensor], dict[str, Tensor]]:
+    """A feature function for :func:`~dinolab.features.extract.extract_features` returning the named outputs.
+
+    Works with any backbone whose ``forward_features`` returns the official DINOv2 dict (dinolab's, the official
+    torch.hub models).
+    """
+    wanted = list(outputs)
+
+    def features(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+        out = model.forward_features(images)  # [B, C, H, W] -> official dict
+        patches = out["x_norm_patchtokens"]  # [B, h*w, D]
+        all_outputs = {
+            "cls": lambda: out["x_norm_clstoken"],  # [B, D]
+            "patch_pooled": lambda: patches.mean(dim=1),  # [B, D]
+            "patch_tokens": lambda: patches,  # [B, h*w, D]
+            "registers": lambda: out["x_norm_regtokens"],  # [B, R, D]
+        }
+        return {name: all_outputs[name]() for name in wanted}
+
+    return features
+
+
+def estimate_bytes(
+    num_images: int, input_size: tuple[int, int], patch_size: int, dim: int, outputs: Sequence[str], registers: int
+) -> int:
+    """Float32 bytes the requested outputs take in memory and on disk."""
+    patches = (input_size[0] // patch_size) * (input_size[1] // patch_size)
+    per_image = {"cls": dim, "patch_pooled": dim, "patch_tokens": patches * dim, "registers": registers * dim}
+    return 4 * num_images * sum(per_image[name] for name in outputs)
+
+
+def embed_images(
+    model: nn.Module,
+    sources: Iterable[str | os.PathLike] | str | os.PathLike,
+    *,
+    outputs: Sequence[str] = ("cls",),
+    resolution: Resolution | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    dtype: str = "fp32",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    expand: bool = True,
+) -> EmbeddingResult:
+    """Embed images with a frozen backbone.
+
+    ``sources``: image files, folders (searched recursively) and ``.txt`` path lists (see
+    :func:`~dinolab.data.images.list_images`); with ``expand=False`` they are taken as image paths as they are.
+    ``outputs``: any of :data:`OUTPUTS`. ``dtype``: compute precision under autocast (features come back as
+    float32). Unreadable or corrupt images do not stop the run: they are returned in ``failed`` with the error.
+    """
+    from dinolab.data.images import list_images
+
+    resolution = resolution or Resolution()
+    resolution.check_patch_size(model.patch_size)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    wanted = check_outputs(model, outputs)
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    paths = list_images(sources) if expand else [Path(p) for p in sources]
+    dataset = ImageFileDataset(paths, resolution.transform())
+    start = time.perf_counter()
+    extracted = extract_features(
+        model,
+        dataset,
+        feature_fn=token_features(wanted),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    height, width = resolution.input_size
+    grid = (height // model.patch_size, width // model.patch_size)
+    # every requested output exists, with zero rows when no image could be read
+    empty_shapes = {
+        "cls": (model.embed_dim,),
+        "patch_pooled": (model.embed_dim,),
+        "patch_tokens": (grid[0] * grid[1], model.embed_dim),
+        "registers": (getattr(model, "num_register_tokens", 0), model.embed_dim),
+    }
+    features = {name: extracted.features.get(name, np.zeros((0, *empty_shapes[name]), np.float32)) for name in wanted}
+    return EmbeddingResult(
+        paths=[paths[i] for i in extracted.indices.tolist()],
+        features=features,
+        failed=[(paths[i], error) for i, error in sorted(extracted.failures)],
+        input_size=(height, width),
+        patch_grid=grid,
+        seconds=seconds,
+    )
