@@ -23,21 +23,26 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (its dependencies may be heavy or optional,
+    e.g. faiss for ``curate``), all of them when ``argv`` is None."""
     parser = argparse.ArgumentParser(
         prog="dinolab", description="The DINOv2 system: features, pretraining, curation, evaluation."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None) if argv is not None else None
     for name, module_name, help_text in COMMANDS:
-        module = importlib.import_module(f"dinolab.cli.{module_name}")
         command = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+        if argv is None or name == chosen:
+            module = importlib.import_module(f"dinolab.cli.{module_name}")
+            module.add_arguments(command)
+            command.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     return int(args._run(args) or 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -32,13 +33,20 @@ def resolve_config(args: argparse.Namespace):
     return apply_overrides(config, overrides)
 
 
+def _summary(recipe) -> str:
+    """A recipe's description: its docstring's first paragraph that is not the command that runs it."""
+    paragraphs = [p for p in inspect.getdoc(recipe).split("\n\n") if p.strip()]
+    text = paragraphs[1] if len(paragraphs) > 1 and paragraphs[0].startswith("``") else paragraphs[0]
+    return " ".join(text.split()).split(". ")[0][:110]
+
+
 def run(args: argparse.Namespace) -> int:
     from dinolab.train.config import ConfigError
     from dinolab.train.recipes import RECIPES
 
     if args.list_recipes:
         for name, recipe in RECIPES.items():
-            print(f"{name:28s} {(recipe.__doc__ or '').strip().splitlines()[0]}")
+            print(f"{name:26s} {_summary(recipe)}")
         return 0
     try:
         config = resolve_config(args)

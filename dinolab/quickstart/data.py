@@ -37,9 +37,7 @@ def write_digits(root: str | Path, size: int = 32, val_fraction: float = 0.3, se
     digits = load_digits()
     images = (digits.images / 16.0 * 255).astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
     indices = np.arange(len(images))
-    train_idx, val_idx = train_test_split(
-        indices, test_size=val_fraction, stratify=digits.target, random_state=seed
-    )
+    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, stratify=digits.target, random_state=seed)
     marker = root / ".complete"
     if not marker.is_file():
         for folder, split in ((train_dir, train_idx), (val_dir, val_idx)):

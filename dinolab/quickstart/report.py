@@ -10,11 +10,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-from dinolab.train.logger import read_metrics  # noqa: E402
+from dinolab.train.logger import read_metrics
 
 
 @dataclass
@@ -107,7 +107,9 @@ def write_report(
     )
     figures = "".join(
         f"<h2>{html.escape(title)}</h2>"
-        + "".join(f'<p><img src="{html.escape(str(p.relative_to(out_dir)))}" style="max-width:100%"></p>' for p in paths)
+        + "".join(
+            f'<p><img src="{html.escape(str(p.relative_to(out_dir)))}" style="max-width:100%"></p>' for p in paths
+        )
         for title, paths in pictures.items()
     )
     page = (

@@ -20,6 +20,8 @@ from dinolab.eval import (
     evaluate_classification,
     extract_labelled,
     load_image_folder,
+)
+from dinolab.eval import (
     write_report as write_eval_report,
 )
 from dinolab.hub import load_backbone
@@ -70,7 +72,12 @@ def evaluate_all(
     nearest training images of a few validation digits (for the pictures)."""
     size = config.crops.global_size
     extraction = ExtractionConfig(
-        resize=size, crop=size, batch_size=128, num_workers=0, cache_dir=str(out_dir / "feature_cache"), progress=progress
+        resize=size,
+        crop=size,
+        batch_size=128,
+        num_workers=0,
+        cache_dir=str(out_dir / "feature_cache"),
+        progress=progress,
     )
     tasks = dict(
         knn=KnnConfig(ks=(KNN_K,)),

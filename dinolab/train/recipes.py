@@ -27,8 +27,10 @@ def _replace(config: TrainConfig, **sections: dict) -> TrainConfig:
 
 
 def default() -> TrainConfig:
-    """``dinolab train --recipe default --data DIR``: the official default config (ssl_default_config.yaml) with
-    patch 14: ViT-S/14 would need other values; prefer a named recipe."""
+    """``dinolab train --recipe default --data DIR``
+
+    The defaults of every config field: a ViT-S/14 with the paper's method settings (65536 prototypes, Sinkhorn-Knopp,
+    batch 64 per process, 100 epochs of 1250 iterations, base lr 0.004 with sqrt scaling)."""
     return TrainConfig()
 
 
@@ -90,18 +92,23 @@ def _smaller_lvd(arch: str, batch_per_process: int, drop_path: float) -> TrainCo
 
 
 def vitl14_lvd142m() -> TrainConfig:
-    """``torchrun ... -m dinolab train --recipe vitl14_lvd142m --data LVD142M.txt``: the ViT-g recipe with a
-    ViT-L/14 trained from scratch (the released ViT-L was distilled from ViT-g; see the paper, Table 14)."""
+    """``torchrun ... -m dinolab train --recipe vitl14_lvd142m --data LVD142M.txt``
+
+    The ViT-g recipe for a ViT-L/14 trained from scratch (the released ViT-L was distilled from ViT-g)."""
     return _smaller_lvd("vit_large", 32, 0.4)
 
 
 def vitb14_lvd142m() -> TrainConfig:
-    """``torchrun ... -m dinolab train --recipe vitb14_lvd142m --data LVD142M.txt``: ViT-B/14 from scratch."""
+    """``torchrun ... -m dinolab train --recipe vitb14_lvd142m --data LVD142M.txt``
+
+    The ViT-g recipe for a ViT-B/14 trained from scratch."""
     return _smaller_lvd("vit_base", 64, 0.1)
 
 
 def vits14_lvd142m() -> TrainConfig:
-    """``torchrun ... -m dinolab train --recipe vits14_lvd142m --data LVD142M.txt``: ViT-S/14 from scratch."""
+    """``torchrun ... -m dinolab train --recipe vits14_lvd142m --data LVD142M.txt``
+
+    The ViT-g recipe for a ViT-S/14 trained from scratch."""
     return _smaller_lvd("vit_small", 64, 0.1)
 
 
@@ -133,8 +140,9 @@ def highres(base: TrainConfig | None = None, from_checkpoint: str = "") -> Train
 
 
 def cpu_small() -> TrainConfig:
-    """``dinolab train --recipe cpu_small --data DIR``: a ViT-Ti/14 that learns useful features on 2 CPU cores
-    in minutes (small crops, few prototypes, short schedule)."""
+    """``dinolab train --recipe cpu_small --data DIR``
+
+    A ViT-Ti/14 for 2 CPU cores: 56 px crops, 1024 prototypes, 300 iterations of batch 32."""
     config = TrainConfig(
         model=ModelConfig(arch="vit_tiny", patch_size=14, drop_path_rate=0.1, layerscale_init=1e-5),
         heads=HeadsConfig(dino_prototypes=1024, dino_hidden_dim=512, dino_bottleneck_dim=128, ibot_prototypes=1024),
@@ -153,6 +161,23 @@ def cpu_small() -> TrainConfig:
         run=RunConfig(output_dir="runs/cpu_small", num_workers=2, log_every=10, checkpoint_every=100),
     )
     return _replace(config, crops=dict(global_size=56, local_size=28, local_crops_number=4))
+
+
+def quickstart() -> TrainConfig:
+    """``dinolab quickstart`` (or ``make quickstart``)
+
+    What the quickstart pretrains on scikit-learn's digits in minutes on 2 CPU cores: a 4-block ViT-Ti with 8 px
+    patches on 32 px images, no horizontal flips (digits are not symmetric), a small blur kernel, few prototypes."""
+    config = _replace(
+        cpu_small(),
+        model=dict(patch_size=8, depth=4, drop_path_rate=0.1, layerscale_init=1.0),
+        heads=dict(dino_prototypes=256, ibot_prototypes=256),
+        loss=dict(centering="ema"),
+        optim=dict(epochs=4, iters_per_epoch=50),
+        run=dict(output_dir="quickstart_report/run", log_every=25, checkpoint_every=50),
+        crops=dict(global_size=32, local_size=16, hflip_p=0.0, blur_kernel_size=3),
+    )
+    return config
 
 
 def test_tiny() -> TrainConfig:
@@ -178,6 +203,7 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "vits14_lvd142m": vits14_lvd142m,
     "highres": highres,
     "cpu_small": cpu_small,
+    "quickstart": quickstart,
     "test_tiny": test_tiny,
 }
 
