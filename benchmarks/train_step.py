@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for the MFU (CUDA)")
     parser.add_argument("--compare", action="store_true", help="baseline and each technique, as a table")
+    parser.add_argument("--fp32-only", action="store_true", help="with --compare: leave out the bf16 row")
     args = parser.parse_args(argv)
     if args.baseline:
         args.no_packing = args.drop_path_by_zeroing = args.heads_on_all_patches = True
@@ -188,9 +189,10 @@ LADDER: list[tuple[str, list[str]]] = [
 
 
 def compare(argv: list[str]) -> None:
-    shared = [a for a in argv if a != "--compare"]
+    shared = [a for a in argv if a not in ("--compare", "--fp32-only")]
+    ladder = [(n, f) for n, f in LADDER if not ("--fp32-only" in argv and "bf16" in f)]
     rows = []
-    for name, flags in LADDER:
+    for name, flags in ladder:
         output = subprocess.run(
             [sys.executable, __file__, *shared, *flags], check=True, capture_output=True, text=True
         ).stdout
