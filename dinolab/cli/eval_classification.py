@@ -136,7 +136,12 @@ def prepare(args: argparse.Namespace) -> Inputs:
 
 
 def run_tasks(args: argparse.Namespace, task: str, **configs: object) -> int:
-    """Run one task end to end, write ``<task>.json`` / ``<task>.md`` in ``--output`` and print the table."""
+    """Run one task end to end, write ``<task>.json`` / ``<task>.md`` in ``--output`` and print the table.
+
+    Under torchrun, every process extracts its share of the features (gathered on all); rank 0 writes."""
+    from dinolab.train.distributed import init_distributed
+
+    env = init_distributed("cpu" if args.device == "cpu" else "auto")
     inputs = prepare(args)
     report: ClassificationReport = evaluate_classification(
         inputs.backbone,
@@ -151,6 +156,8 @@ def run_tasks(args: argparse.Namespace, task: str, **configs: object) -> int:
         **configs,
     )
     report.config["command"] = {key: value for key, value in vars(args).items() if not key.startswith("_")}
+    if not env.is_main:
+        return 0
     print(write_report(report, args.output, stem=task))
     print(f"results written to {Path(args.output) / (task + '.json')} and {task}.md")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision import transforms
 
@@ -208,6 +209,7 @@ def extract_labelled(
         device=config.device,
         progress=config.progress,
         description=f"features {data.name}",
+        distributed=True,  # under torchrun, each process embeds its share; a no-op in one process
     )
     failures = [(data.item_name(i), message) for i, message in extracted.failures]
     for item, message in failures[:10]:
@@ -224,7 +226,7 @@ def extract_labelled(
         name=data.name,
         failures=failures,
     )
-    if cache_file is not None:
+    if cache_file is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         _save_cached(cache_file, features, extracted.indices, config)
     return features
 

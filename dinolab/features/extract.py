@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from dinolab.data.images import ImageBatch, collate_loaded
@@ -58,13 +59,19 @@ def extract_features(
     device: torch.device | str | None = None,
     progress: bool = True,
     description: str = "embedding",
+    distributed: bool = False,
 ) -> Extracted:
     """Run ``feature_fn`` over a dataset of :class:`~dinolab.data.images.LoadedImage` items.
 
-    Unreadable images are collected in ``failures``; everything else comes back as float32 numpy arrays.
+    Unreadable images are collected in ``failures``; everything else comes back as float32 numpy arrays. With
+    ``distributed`` (under torchrun), each process embeds every ``world_size``-th item and every process gets
+    the whole result back, in dataset order.
     """
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()
+    world = dist.get_world_size() if distributed and dist.is_initialized() else 1
+    if world > 1:
+        dataset = Subset(dataset, range(dist.get_rank(), len(dataset), world))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -88,4 +95,17 @@ def extract_features(
         indices.append(batch.indices)
     features = {name: np.concatenate(parts) for name, parts in chunks.items()}
     all_indices = torch.cat(indices).numpy() if indices else np.zeros(0, dtype=np.int64)
-    return Extracted(all_indices, features, failures)
+    result = Extracted(all_indices, features, failures)
+    return _gather(result) if world > 1 else result
+
+
+def _gather(local: Extracted) -> Extracted:
+    """Every process's share, merged on every process and put back in dataset order."""
+    shares: list[Extracted | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, local)
+    indices = np.concatenate([share.indices for share in shares])
+    order = np.argsort(indices, kind="stable")
+    names = next((share.features.keys() for share in shares if share.features), ())
+    features = {name: np.concatenate([s.features[name] for s in shares if name in s.features])[order] for name in names}
+    failures = sorted(failure for share in shares for failure in share.failures)
+    return Extracted(indices[order], features, failures)
