@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from dinolab.data import (
@@ -29,6 +30,15 @@ class TrainingData:
     batches: Iterator[Batch]
     skipped_log: Path | None
     num_images: int
+    skipped_total: int = 0
+    """Unreadable files met so far by this process."""
+
+    def next_batches(self, count: int, device: torch.device) -> Iterator[Batch]:
+        """The next ``count`` batches on ``device`` (lazily: one micro-batch in memory at a time)."""
+        for _ in range(count):
+            batch = next(self.batches)
+            self.skipped_total += self.record_skipped(batch.skipped)
+            yield batch.to(device, non_blocking=True)
 
     def record_skipped(self, skipped: list[tuple[str, str]]) -> int:
         """Append unreadable files to ``skipped_images.txt`` (one per process); returns how many there were."""

@@ -84,10 +84,10 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-def build_model(config: TrainConfig, env: DistEnv) -> SSLMetaArch:
+def build_model(config: TrainConfig, env: DistEnv, load_init: bool = True) -> SSLMetaArch:
     img_size = config.model.img_size or config.crops.global_size
     model = SSLMetaArch(config.model, config.heads, config.loss, img_size=img_size)
-    if config.model.init_from:
+    if config.model.init_from and load_init:
         init_backbones_from(model, config.model.init_from)
     return model.to(env.device)
 
@@ -116,7 +116,8 @@ def train(config: TrainConfig) -> TrainResult:
     resume_from = latest_checkpoint(run_dir)
     torch.manual_seed(run_cfg.seed)
 
-    model = build_model(config, env) if resume_from is None else _build_for_resume(config, env)
+    # when resuming, the weights come from the checkpoint: skip reading init_from weights that would be overwritten
+    model = build_model(config, env, load_init=resume_from is None)
     num_blocks = model.student["backbone"].n_blocks
     may_skip = optim_cfg.freeze_backbone_iters > 0 or config.heads.ibot_separate_head
     wrapped = parallelize(model, env, run_cfg, may_skip_parameters=may_skip)
@@ -149,8 +150,6 @@ def train(config: TrainConfig) -> TrainResult:
     stop_at = min(total, start_step + run_cfg.stop_after_iters) if run_cfg.stop_after_iters else total
 
     step_ctx = StepContext(model, wrapped, optimizer, scaler, run_cfg.dtype, env.device, optim_cfg)
-    step = start_step
-    skipped_total = 0
     window_start, window_images = time.perf_counter(), 0
     progress = tqdm(total=total, initial=start_step, disable=not (run_cfg.progress and env.is_main), unit="it")
     try:
@@ -162,15 +161,9 @@ def train(config: TrainConfig) -> TrainResult:
             freeze_backbone = step < optim_cfg.freeze_backbone_iters
 
             # 2-3. forward/backward over the micro-batches, clip, step, EMA
-            def micro_batches():
-                nonlocal skipped_total
-                for _ in range(optim_cfg.accumulation_steps):
-                    batch = next(data.batches)
-                    skipped_total += data.record_skipped(batch.skipped)
-                    yield batch.to(env.device, non_blocking=True)
-
+            micro_batches = data.next_batches(optim_cfg.accumulation_steps, env.device)
             try:
-                sums, grad_norm = train_step(step_ctx, micro_batches(), values, freeze_backbone)
+                sums, grad_norm = train_step(step_ctx, micro_batches, values, freeze_backbone)
             except NonFiniteLossError as error:
                 raise NonFiniteLossError(_non_finite_message(step, error.args[0], run_dir)) from None
 
@@ -180,13 +173,15 @@ def train(config: TrainConfig) -> TrainResult:
             progress.update(1)
             if done % run_cfg.log_every == 0 or done == stop_at:
                 elapsed = time.perf_counter() - window_start
-                losses = {f"loss/{k}": float(all_reduce_mean(torch.tensor(v))) for k, v in sums.items()}
+                losses = {
+                    f"loss/{k}": float(all_reduce_mean(torch.tensor(v, device=env.device))) for k, v in sums.items()
+                }
                 metrics = {
                     **losses,
                     **values,
                     "grad_norm": grad_norm,
                     "images_per_s": window_images / max(elapsed, 1e-9),
-                    "skipped_images": skipped_total,
+                    "skipped_images": data.skipped_total,
                 }
                 seconds_left = (total - done) * elapsed / max(window_images / global_batch, 1)
                 logger.log(done, metrics)
@@ -284,12 +279,6 @@ def _fsdp_no_sync(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
-
-
-def _build_for_resume(config: TrainConfig, env: DistEnv) -> SSLMetaArch:
-    # Weights come from the checkpoint; skip downloading/reading init_from weights that would be overwritten.
-    img_size = config.model.img_size or config.crops.global_size
-    return SSLMetaArch(config.model, config.heads, config.loss, img_size=img_size).to(env.device)
 
 
 def _clip(model: SSLMetaArch, max_norm: float) -> float:
