@@ -1,5 +1,6 @@
 """Backbones (DINOv2 ViTs) and projection heads."""
 
+from dinolab.models.heads import DINOHead
 from dinolab.models.vit import (
     ARCHS,
     DinoVisionTransformer,
@@ -14,6 +15,7 @@ from dinolab.models.vit import (
 
 __all__ = [
     "ARCHS",
+    "DINOHead",
     "DinoVisionTransformer",
     "ViTArch",
     "build_vit",
