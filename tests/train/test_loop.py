@@ -132,3 +132,13 @@ def test_resume_with_another_architecture_is_refused(noise_images, uninterrupted
     shutil.copytree(uninterrupted, run)
     with pytest.raises(ConfigError, match=r"model\.depth: 2 -> 3"):
         train(tiny_config(noise_images, run, "model.depth=3"))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(noise_images, tmp_path, dtype):
+    result = train(tiny_config(noise_images, tmp_path, f"run.dtype={dtype}", "optim.epochs=1"))
+    assert result.finished
+    metrics = read_metrics(tmp_path)
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics)
+    if dtype == "fp16":  # the gradient scaler's state travels with the checkpoint
+        assert "scaler" in ckpt.read_meta(ckpt.latest_checkpoint(tmp_path))
