@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: config and recipes, meta-architecture, the loop, checkpoints, parallelism."""
