@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dinolab.data.transforms import make_normalize
 from dinolab.eval.readers.depth import DepthSet
-from dinolab.eval.segmentation import forever, slide_inference
+from dinolab.eval.segmentation import forever, one_by_one_loader, slide_inference
 
 DEPTH_METRICS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 
@@ -299,10 +299,6 @@ class DepthEvalDataset(Dataset):
         return index, self.normalize(TF.to_tensor(rgb)), depth, np.asarray(rgb)
 
 
-def _single(items: list) -> object:
-    return items[0]
-
-
 def evaluate_depth(
     model: nn.Module,
     data: DepthSet,
@@ -318,11 +314,7 @@ def evaluate_depth(
     inside ``data.eval_crop``; metrics are computed per image and averaged."""
     from dinolab.eval.visualize import save_depth_picture
 
-    subset: Dataset = DepthEvalDataset(data)
-    count = len(data) if max_images is None else min(max_images, len(data))
-    if count < len(data):
-        subset = torch.utils.data.Subset(subset, range(count))
-    loader = DataLoader(subset, batch_size=1, collate_fn=_single, num_workers=num_workers)
+    loader, count = one_by_one_loader(DepthEvalDataset(data), max_images, num_workers)
     model.to(device).eval()
     per_image: list[dict[str, float]] = []
     pictures: list[Path] = []

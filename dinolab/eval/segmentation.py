@@ -364,6 +364,15 @@ def _single(items: list) -> object:
     return items[0]
 
 
+def one_by_one_loader(dataset: Dataset, max_images: int | None, num_workers: int) -> tuple[DataLoader, int]:
+    """A loader of single items (images of any size, not collated) over the first ``max_images`` of ``dataset``,
+    and how many items it yields."""
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if count < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(count))
+    return DataLoader(dataset, batch_size=1, collate_fn=_single, num_workers=num_workers), count
+
+
 def evaluate_segmentation(
     model: nn.Module,
     data: SegmentationSet,
@@ -379,11 +388,7 @@ def evaluate_segmentation(
     take the arg-max, accumulate one confusion matrix. Writes prediction pictures of the first images."""
     from dinolab.eval.visualize import save_segmentation_picture
 
-    subset: Dataset = SegEvalDataset(data, inference.short_side)
-    count = len(data) if max_images is None else min(max_images, len(data))
-    if count < len(data):
-        subset = torch.utils.data.Subset(subset, range(count))
-    loader = DataLoader(subset, batch_size=1, collate_fn=_single, num_workers=num_workers)
+    loader, count = one_by_one_loader(SegEvalDataset(data, inference.short_side), max_images, num_workers)
     model.to(device).eval()
     confusion = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
     pictures: list[Path] = []

@@ -69,9 +69,9 @@ def _scores(name: str, report) -> ScoreRow:
 
 def evaluate_all(
     config: TrainConfig, teacher_path: Path, train_set, val_set, out_dir: Path, progress: bool
-) -> tuple[list[ScoreRow], dict[str, np.ndarray]]:
-    """k-NN, linear and logistic regression for the teacher, a random init and raw pixels; also each one's
-    nearest training images of a few validation digits (for the pictures)."""
+) -> tuple[list[ScoreRow], np.ndarray, dict[str, np.ndarray]]:
+    """k-NN, linear and logistic regression for the teacher, a random init and raw pixels; also, for a few
+    validation digits (their indices are returned), each extractor's nearest training images (for the picture)."""
     size = config.crops.global_size
     extraction = ExtractionConfig(
         resize=size,
@@ -116,7 +116,7 @@ def evaluate_all(
     write_eval_report(pixels, out_dir / "evaluations", "raw_pixels")
     rows.append(_scores("raw pixels", pixels))
     neighbours["raw pixels"] = _nearest(val_pixels[query_index], train_pixels)
-    return rows, {"queries": query_index, **neighbours}
+    return rows, query_index, neighbours
 
 
 def _nearest(queries: np.ndarray, database: np.ndarray, k: int = 5) -> np.ndarray:
@@ -139,12 +139,12 @@ def run_quickstart(output: str | Path, overrides: list[str] | None = None, progr
     result = train(config)
     train_seconds = time.perf_counter() - start
     train_set, val_set = load_image_folder(data.train), load_image_folder(data.val)
-    rows, neighbours = evaluate_all(config, result.teacher_backbone, train_set, val_set, out, progress)
+    rows, query_index, neighbours = evaluate_all(config, result.teacher_backbone, train_set, val_set, out, progress)
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     curves = plot_training_curves(out / "run", figures / "training_curves.png")
-    queries = grey_images([val_set.paths[i] for i in neighbours.pop("queries")])
+    queries = grey_images([val_set.paths[i] for i in query_index])
     knn_picture = plot_neighbours(queries, grey_images(train_set.paths), neighbours, figures / "neighbours.png")
     from dinolab.features.pca import pca_pictures
 

@@ -121,8 +121,11 @@ def max_diff(a: Tensor, b: Tensor) -> float:
 
 
 def compare_features(ours: dict, ref: dict, tol: float = 1e-4) -> None:
-    """CLS, patch tokens and pre-norm tokens agree to ``tol`` (max abs difference)."""
-    for key in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
+    """CLS, register (when both have them), patch and pre-norm tokens agree to ``tol`` (max abs difference)."""
+    keys = ["x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"]
+    if "x_norm_regtokens" in ours and "x_norm_regtokens" in ref:
+        keys.append("x_norm_regtokens")
+    for key in keys:
         assert max_diff(ours[key], ref[key]) <= tol, key
 
 

@@ -50,6 +50,8 @@ def test_report_holds_the_table_and_the_pictures(tmp_path):
 
 @pytest.mark.slow
 def test_a_short_quickstart_runs_end_to_end(tmp_path: Path):
-    result = run_quickstart(tmp_path, ["optim.epochs=0.4", "run.num_workers=0"], progress=False)
+    result = run_quickstart(
+        tmp_path, ["optim.epochs=1", "optim.iters_per_epoch=15", "run.num_workers=0"], progress=False
+    )
     assert [row.name for row in result.rows] == ["DINOv2-pretrained teacher", "same ViT, random init", "raw pixels"]
     assert result.report_html.is_file() and (tmp_path / "figures" / "neighbours.png").is_file()

@@ -117,7 +117,9 @@ def test_continued_pretraining_starts_from_weights_and_freezes_the_backbone(nois
         # two head-only iterations: the student backbone has not moved, so neither has the teacher's
         torch.testing.assert_close(state[f"student.backbone.{key}"], value, rtol=0, atol=0)
         torch.testing.assert_close(state[f"teacher.backbone.{key}"], value, rtol=0, atol=0)
-    fresh = SSLMetaArch(*(lambda c: (c.model, c.heads, c.loss))(tiny_config(noise_images, tmp_path)), img_size=28)
+    config = tiny_config(noise_images, tmp_path)
+    torch.manual_seed(config.run.seed)  # as train() does: the heads the run started from
+    fresh = SSLMetaArch(config.model, config.heads, config.loss, img_size=config.crops.global_size)
     assert any(
         not torch.equal(state[f"student.{k}"], v) for k, v in fresh.student.state_dict().items() if "head" in k
     ), "the heads should have trained"
