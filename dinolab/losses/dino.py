@@ -36,11 +36,36 @@ class DINOLoss(nn.Module):
         n_student, n_teacher, batch = ce.shape
         different_views = 1.0 - torch.eye(n_student, n_teacher, dtype=ce.dtype, device=ce.device)  # [S, T]
         # A weighted sum rather than boolean indexing: no host-device sync, and compile-friendly.
-        n_terms = (n_student * n_teacher - n_teacher) * batch  # the T pairs s == t are left out
-        return torch.einsum("stb,st->", ce, different_views) / n_terms
+        # the T pairs s == t are left out
+        return torch.einsum("stb,st->", ce, different_views) / dino_num_terms(n_student, n_teacher, batch)
 
     def extra_repr(self) -> str:
         return f"student_temp={self.student_temp}"
+
+
+def dino_student_targets(teacher_probs: Tensor, num_student_crops: int) -> list[Tensor]:
+    """The DINO loss as one target per student crop: ``[T, B, K] -> S`` tensors ``[B, K]``.
+
+    Cross-entropy is linear in its target, so the sum over view pairs ``sum_{s, t != s} CE(p_t, q_s)`` equals
+    ``sum_s CE(sum_{t != s} p_t, q_s)``: student crop ``s`` gets the sum of the targets of the other teacher views
+    (all of them for a local crop, which is the same tensor repeated, not copied). Divided by
+    :func:`dino_num_terms` this is :class:`DINOLoss`, computed with one prototype cross-entropy per student row.
+    """
+    num_teacher = teacher_probs.shape[0]
+    if not 1 <= num_teacher <= num_student_crops or num_student_crops < 2:
+        raise ValueError(
+            f"dino_student_targets: {num_student_crops} student and {num_teacher} teacher crops give no pair of "
+            "different views"
+        )
+    others = [
+        teacher_probs[[t for t in range(num_teacher) if t != s]].sum(dim=0) for s in range(num_teacher)
+    ]  # [B, K] each
+    return others + [teacher_probs.sum(dim=0)] * (num_student_crops - num_teacher)
+
+
+def dino_num_terms(num_student_crops: int, num_teacher_crops: int, batch: int) -> int:
+    """Number of (student crop, other teacher view, image) terms the DINO loss averages over."""
+    return (num_student_crops * num_teacher_crops - num_teacher_crops) * batch
 
 
 def _check_shapes(student_logits: Tensor, teacher_probs: Tensor) -> None:

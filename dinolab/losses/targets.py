@@ -23,7 +23,7 @@ def _all_reduce(tensor: Tensor, maximum: bool = False) -> Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
+def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3, inplace: bool = False) -> Tensor:
     """Teacher targets by Sinkhorn-Knopp: soft assignments of the global batch spread evenly over prototypes.
 
     ``teacher_logits [N, K] -> probs [N, K]`` (fp32), each row summing to 1. The reference algorithm (SwAV,
@@ -41,6 +41,9 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     (removed exactly by the first prototype normalisation), which keeps ``exp`` from overflowing at low
     temperatures. Collectives per call: one max and ``n_iterations`` sums of a ``[K]`` vector; every process
     must call it, even one with ``N = 0`` samples (e.g. no masked patch).
+
+    ``inplace=True`` computes the result in the memory of fp32 ``teacher_logits`` (which it overwrites): one
+    ``[N, K]`` buffer instead of two, for callers that no longer need the logits.
     """
     if teacher_logits.ndim != 2:
         raise ValueError(
@@ -54,7 +57,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     n_samples, n_protos = logits.shape
     proto_max = logits.amax(dim=0) if n_samples else logits.new_full((n_protos,), -torch.inf)  # [K]
     _all_reduce(proto_max, maximum=True)
-    q = torch.exp((logits - proto_max) / teacher_temp)  # [N, K], entries in (0, 1]
+    q = logits.sub_(proto_max) if inplace else logits - proto_max
+    q.div_(teacher_temp).exp_()  # [N, K], entries in (0, 1]
     for _ in range(n_iterations):
         q /= _all_reduce(q.sum(dim=0))  # [K]: equal total mass per prototype over the global batch
         q /= q.sum(dim=1, keepdim=True)  # [N, 1]: each sample's assignment sums to 1

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from dinolab.losses.prototypes import prototype_cross_entropy
 
 # Key suffixes of the weight-normalised last layer: the deprecated ``torch.nn.utils.weight_norm`` (used by the
 # official checkpoints) vs ``torch.nn.utils.parametrizations.weight_norm`` (used here).
@@ -56,11 +58,23 @@ class DINOHead(nn.Module):
             self.last_layer.parametrizations.weight.original0.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.mlp(x)  # [..., bottleneck]
+        return self.last_layer(self.project(x))  # [..., out_dim]
+
+    def project(self, x: Tensor) -> Tensor:
+        """``[..., in_dim] -> [..., bottleneck_dim]``: the MLP and the L2 normalisation, before the prototypes."""
+        x = self.mlp(x)
         # 1e-12 underflows in fp16; the official head uses 1e-6 there.
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)  # [..., out_dim]
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def cross_entropy(self, x: Tensor, targets: Tensor | Sequence[Tensor], temp: float) -> Tensor:
+        """Per-row cross-entropy of ``softmax(self(x) / temp)`` against ``targets``, without the full logits.
+
+        ``x [R, in_dim]``, ``targets [R, out_dim]`` (or consecutive row segments of it) -> ``[R]`` fp32; see
+        :func:`dinolab.losses.prototype_cross_entropy`. A method of the head (not a free function on its weight)
+        so that FSDP2 gathers the parameters around it like around ``forward``.
+        """
+        return prototype_cross_entropy(self.project(x), self.last_layer.weight, targets, temp)
 
 
 def _build_mlp(nlayers: int, in_dim: int, hidden_dim: int, bottleneck_dim: int, bias: bool) -> nn.Module:

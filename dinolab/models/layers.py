@@ -15,7 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens: a conv with kernel = stride = patch size. ``[B, C, H, W] -> [B, N, D]``."""
+    """Image to patch tokens: a conv with kernel = stride = patch size. ``[B, C, H, W] -> [B, N, D]``.
+
+    The conv (kept as ``proj`` for the released keys) is computed as the matmul it is: the image cut into
+    flattened patches times the kernel viewed as ``[D, C*p*p]``. Same result; several times faster than the
+    conv in bf16 on CPUs, where it has no fast kernel, and a contiguous ``[B, N, D]`` output.
+    """
 
     def __init__(self, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
@@ -29,7 +34,11 @@ class PatchEmbed(nn.Module):
                 f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
                 f"resize or crop to a multiple of {self.patch_size} (e.g. 224 or 518)"
             )
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
+        batch, channels, p = x.shape[0], x.shape[1], self.patch_size
+        patches = x.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch, (height // p) * (width // p), channels * p * p)  # [B, N, C*p*p]
+        kernel = self.proj.weight.reshape(self.proj.out_channels, -1)  # [D, C*p*p], (c, i, j) as in the patches
+        return F.linear(patches, kernel, self.proj.bias)
 
 
 class LayerScale(nn.Module):
@@ -205,6 +214,11 @@ class Block(nn.Module):
     def _ffn_branch(self, xs: list[Tensor]) -> list[Tensor]:
         tokens, shapes = _pack(xs)
         return _unpack(self.ls2(self.mlp(self.norm2(tokens))), shapes)
+
+    def compile_body(self, **compile_kwargs) -> None:
+        """``torch.compile`` the block's computation in place; activation checkpointing, when on, stays outside
+        the compiled code (inductor can fail on a checkpoint traced inside the graph). Keys are unchanged."""
+        self._forward = torch.compile(self._forward, **compile_kwargs)
 
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():

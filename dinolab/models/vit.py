@@ -82,6 +82,7 @@ class DinoVisionTransformer(nn.Module):
         self.num_register_tokens = num_register_tokens
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
+        self._pos_embed_cache: tuple[tuple, Tensor] | None = None
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
@@ -133,16 +134,24 @@ class DinoVisionTransformer(nn.Module):
 
         Models without registers use the legacy offset (scale factor ``(n + 0.1) / M``, no antialias); register
         models pass the target size directly with antialias. Skipped when the grid matches and the image is
-        square, as in the released code.
+        square, as in the released code. In inference (eval mode, no grad) the result is cached for the last
+        size: a released model stores its grid for 518 px and would otherwise resize it on every 224 px batch.
         """
-        previous_dtype = x.dtype
-        num_patches = x.shape[1] - 1
-        num_stored = self.pos_embed.shape[1] - 1
-        if num_patches == num_stored and height == width:
+        if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and height == width:
             return self.pos_embed
+        if self.training or torch.is_grad_enabled():
+            return self._resize_pos_embed(height, width, x.dtype)
+        # the parameter's version counter changes with every in-place update (load_state_dict, optimiser steps)
+        key = (height, width, x.dtype, self.pos_embed.device, self.pos_embed.data_ptr(), self.pos_embed._version)
+        if self._pos_embed_cache is None or self._pos_embed_cache[0] != key:
+            self._pos_embed_cache = (key, self._resize_pos_embed(height, width, x.dtype))
+        return self._pos_embed_cache[1]
+
+    def _resize_pos_embed(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
+        num_stored = self.pos_embed.shape[1] - 1
         pos_embed = self.pos_embed.float()
         class_pos_embed, patch_pos_embed = pos_embed[:, :1], pos_embed[:, 1:]
-        dim = x.shape[-1]
+        dim = pos_embed.shape[-1]
         rows, cols = height // self.patch_size, width // self.patch_size
         stored = int(math.sqrt(num_stored))
         if stored * stored != num_stored:
@@ -156,7 +165,7 @@ class DinoVisionTransformer(nn.Module):
         if grid.shape[-2:] != (rows, cols):
             raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
         patch_pos_embed = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
-        return torch.cat((class_pos_embed, patch_pos_embed), dim=1).to(previous_dtype)
+        return torch.cat((class_pos_embed, patch_pos_embed), dim=1).to(dtype)
 
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """``[B, C, H, W]`` image (and optional ``[B, N]`` bool patch mask) -> ``[B, 1 + R + N, D]`` tokens."""

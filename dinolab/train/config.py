@@ -104,6 +104,9 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
     """Epochs of linear teacher-temperature warm-up."""
+    chunked_cross_entropy: bool = True
+    """Compute the student's prototype logits and cross-entropies chunk by chunk, recomputed in backward, instead
+    of holding the ``[rows, K]`` logits (same losses; much less memory at K = 65536, one extra matmul)."""
 
     def __post_init__(self) -> None:
         _check(

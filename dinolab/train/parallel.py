@@ -30,7 +30,7 @@ def apply_compile(model: SSLMetaArch) -> None:
     """``torch.compile`` every block in place (state-dict keys unchanged)."""
     for backbone in _backbones(model):
         for block in backbone.blocks:
-            block.compile(dynamic=True)
+            block.compile_body(dynamic=True)
 
 
 def apply_fsdp(model: SSLMetaArch, dtype: str) -> None:
@@ -54,6 +54,7 @@ def apply_fsdp(model: SSLMetaArch, dtype: str) -> None:
         for name, head in net.items():
             if name != "backbone":
                 fully_shard(head, mp_policy=policy)
+                register_fsdp_forward_method(head, "cross_entropy")
     fully_shard(model, mp_policy=policy)
 
 

@@ -38,6 +38,17 @@ def test_sinkhorn_matches_reference_algorithm(n_iterations: int) -> None:
     torch.testing.assert_close(sinkhorn_knopp(logits, 0.07, n_iterations), expected)
 
 
+def test_sinkhorn_inplace_overwrites_the_logits_with_the_same_result() -> None:
+    logits = _logits()
+    expected = sinkhorn_knopp(logits, 0.07)
+    result = sinkhorn_knopp(logits, 0.07, inplace=True)
+    assert result.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(result, expected)
+    half = _logits().bfloat16()  # not fp32: computed in an fp32 copy, the input left as it was
+    torch.testing.assert_close(sinkhorn_knopp(half, 0.07, inplace=True), sinkhorn_knopp(half.float(), 0.07))
+    torch.testing.assert_close(half, _logits().bfloat16())
+
+
 def test_sinkhorn_matches_official() -> None:
     logits = _logits(n=16, k=32, seed=1) * 0.5
     official = OfficialDINOLoss(out_dim=32).sinkhorn_knopp_teacher(logits, teacher_temp=0.04)

@@ -91,6 +91,7 @@ def test_resized_in_fp32_then_cast() -> None:
 @torch.no_grad()
 def test_token_layout(registers: int) -> None:
     """CLS + position embedding, then registers (no position embedding), then the patches with theirs."""
+    torch.manual_seed(0)
     model = vit_small(depth=1, img_size=56, num_register_tokens=registers, interpolate_offset=0.0)
     for param in (model.cls_token, model.pos_embed, model.mask_token, model.patch_embed.proj.bias):
         torch.nn.init.normal_(param)
@@ -110,10 +111,26 @@ def test_token_layout(registers: int) -> None:
     assert max_diff(tokens[:, 0], cls.expand(2, -1)) <= 1e-6
     if registers:
         assert max_diff(tokens[:, 1 : 1 + registers], model.register_tokens.expand(2, -1, -1)) == 0.0
-    assert max_diff(tokens[:, 1 + registers :], patches + pos[:, 1:]) <= 1e-5
+    # the patch embedding is computed as a matmul, not this conv: the same sums in another order
+    assert max_diff(tokens[:, 1 + registers :], patches + pos[:, 1:]) <= 5e-5
 
 
 def test_patch_size_mismatch_is_a_clear_error() -> None:
     model = vit_tiny(depth=1, img_size=56)
     with pytest.raises(ValueError, match="multiple of the patch size 14"):
         model(image(30, 28))
+
+
+def test_inference_caches_the_resized_embedding_until_the_weights_change() -> None:
+    model = _hub_model(registers=False).eval()
+    with torch.inference_mode():
+        model.forward_features(image(224, 224))
+        cached = model._pos_embed_cache[1]
+        assert model.interpolate_pos_encoding(torch.zeros(1, 257, 384), 224, 224) is cached
+        model.load_state_dict({"pos_embed": model.pos_embed * 2}, strict=False)
+        refreshed = model.interpolate_pos_encoding(torch.zeros(1, 257, 384), 224, 224)
+    assert refreshed is not cached
+    torch.testing.assert_close(refreshed, reference_pos_embed(model.pos_embed.detach(), 16, 16, 0.1, False))
+    resized = model.interpolate_pos_encoding(torch.zeros(1, 257, 384), 224, 224)  # grad enabled: not cached
+    assert resized.requires_grad and resized is not model._pos_embed_cache[1]
+    torch.testing.assert_close(resized.detach(), refreshed)

@@ -1,0 +1,89 @@
+"""The chunked prototype cross-entropy must equal F.cross_entropy on the full logits, in value and in gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinolab.losses import DINOLoss, dino_num_terms, dino_student_targets, prototype_cross_entropy
+
+
+def _inputs(rows: int = 13, dim: int = 8, protos: int = 50, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(rows, dim, generator=g), dim=-1).requires_grad_()
+    prototypes = torch.randn(protos, dim, generator=g).requires_grad_()
+    targets = torch.randn(rows, protos, generator=g).softmax(-1)
+    return features, prototypes, targets
+
+
+def reference(features, prototypes, targets, temp):
+    """torch's soft-label cross-entropy on the whole ``[rows, K]`` logits."""
+    return F.cross_entropy(features @ prototypes.T / temp, targets, reduction="none")
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 50, 3 * 50, 7 * 50 + 11, 10**6])
+def test_values_and_gradients_match_full_logits(chunk_elements: int) -> None:
+    features, prototypes, targets = _inputs()
+    weights = torch.rand(features.shape[0])
+    ours = prototype_cross_entropy(features, prototypes, targets, temp=0.1, chunk_elements=chunk_elements)
+    ref = reference(features, prototypes, targets, 0.1)
+    torch.testing.assert_close(ours, ref)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), [features, prototypes])
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [features, prototypes])
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_target_segments_equal_the_concatenated_targets() -> None:
+    features, prototypes, targets = _inputs(rows=9)
+    shared = targets[4]
+    segments = [targets[:4], shared.expand(3, -1), targets[7:]]
+    whole = torch.cat([targets[:4], shared.expand(3, -1), targets[7:]])
+    ours = prototype_cross_entropy(features, prototypes, segments, temp=0.2, chunk_elements=100)
+    torch.testing.assert_close(ours, reference(features, prototypes, whole, 0.2))
+
+
+def test_bf16_autocast_matches_a_bf16_matmul_with_fp32_softmax() -> None:
+    features, prototypes, targets = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = prototype_cross_entropy(features, prototypes, targets, temp=0.1, chunk_elements=100)
+        logits = features @ prototypes.T
+    assert logits.dtype == torch.bfloat16 and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, F.cross_entropy(logits.float() / 0.1, targets, reduction="none"))
+
+
+def test_without_grad_and_with_no_rows() -> None:
+    features, prototypes, targets = _inputs()
+    with torch.no_grad():
+        ours = prototype_cross_entropy(features, prototypes, targets, temp=0.1, chunk_elements=60)
+    torch.testing.assert_close(ours, reference(features, prototypes, targets, 0.1).detach())
+    empty = prototype_cross_entropy(features[:0], prototypes, targets[:0], temp=0.1)
+    assert empty.shape == (0,)
+
+
+def test_bad_shapes_raise() -> None:
+    features, prototypes, targets = _inputs()
+    with pytest.raises(ValueError, match="targets have 12 rows"):
+        prototype_cross_entropy(features, prototypes, targets[:12], temp=0.1)
+    with pytest.raises(ValueError, match="K=50"):
+        prototype_cross_entropy(features, prototypes, targets[:, :10], temp=0.1)
+    with pytest.raises(ValueError, match=r"features \[R, D\]"):
+        prototype_cross_entropy(features, prototypes[:, :3], targets, temp=0.1)
+    with pytest.raises(ValueError, match="temp > 0"):
+        prototype_cross_entropy(features, prototypes, targets, temp=0.0)
+
+
+@pytest.mark.parametrize(("n_student", "n_teacher"), [(10, 2), (2, 2), (3, 1), (4, 3)])
+def test_dino_loss_as_one_cross_entropy_per_student_crop(n_student: int, n_teacher: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    batch, protos = 3, 20
+    student = torch.randn(n_student, batch, protos, generator=g)
+    teacher = torch.randn(n_teacher, batch, protos, generator=g).softmax(-1)
+    rows = torch.cat(dino_student_targets(teacher, n_student))  # [S*B, K]
+    ce = F.cross_entropy(student.flatten(0, 1) / 0.1, rows, reduction="none")
+    loss = ce.sum() / dino_num_terms(n_student, n_teacher, batch)
+    torch.testing.assert_close(loss, DINOLoss(0.1)(student, teacher))
+
+
+def test_dino_student_targets_need_two_views() -> None:
+    with pytest.raises(ValueError, match="no pair of different views"):
+        dino_student_targets(torch.rand(2, 3, 4), num_student_crops=1)
