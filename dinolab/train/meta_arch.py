@@ -160,7 +160,7 @@ class SSLMetaArch(nn.Module):
         else:
             dino, ibot = self._prototype_losses(batch, cls_tokens, patches, dino_targets, ibot_targets)
 
-        # the losses reduce over K prototypes: compute them in fp32 even under bf16/fp16 autocast
+        # the prototype losses are fp32 (they reduce over K prototypes); KoLeo and the total too
         with torch.autocast(global_cls.device.type, enabled=False):
             koleo = dino.new_zeros(())
             if cfg.koleo_weight > 0:
@@ -232,15 +232,15 @@ class SSLMetaArch(nn.Module):
         temp = self.loss_config.student_temp
         num_student_crops = cls_tokens.shape[0] // batch.num_images
         dino_rows = dino_student_targets(dino_targets, num_student_crops)  # S x [B, K]
-        masked = patches.flatten(0, 1).index_select(0, batch.mask_indices)  # [M, D]
-        if self.loss_config.ibot_weight == 0:
-            masked = masked[:0]
+        rows = batch.mask_indices if self.loss_config.ibot_weight > 0 else batch.mask_indices[:0]
+        masked = patches.flatten(0, 1).index_select(0, rows)  # [M, D]
+        masked_targets = ibot_targets[: rows.shape[0]]  # all of them, or none when the iBOT loss is off
         if "ibot_head" in self.student:
             cls_ce = self.student["dino_head"].cross_entropy(cls_tokens, dino_rows, temp)
-            patch_ce = self.student["ibot_head"].cross_entropy(masked, ibot_targets[: masked.shape[0]], temp)
+            patch_ce = self.student["ibot_head"].cross_entropy(masked, masked_targets, temp)
         else:  # one head call on the CLS tokens and the masked patches together, as in _heads
-            rows = torch.cat([cls_tokens, masked])
-            ce = self.student["dino_head"].cross_entropy(rows, [*dino_rows, ibot_targets[: masked.shape[0]]], temp)
+            tokens = torch.cat([cls_tokens, masked])
+            ce = self.student["dino_head"].cross_entropy(tokens, [*dino_rows, masked_targets], temp)
             cls_ce, patch_ce = ce[: cls_tokens.shape[0]], ce[cls_tokens.shape[0] :]
         dino = cls_ce.sum() / dino_num_terms(num_student_crops, dino_targets.shape[0], batch.num_images)
         ibot = (patch_ce * batch.mask_weights[: patch_ce.shape[0]]).sum() / batch.global_crops.shape[0]
