@@ -8,7 +8,7 @@ one chunk's logits at a time. The extra cost is one ``[chunk, D] x [D, K]`` matm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,26 +52,44 @@ def prototype_cross_entropy(
     rows_per_chunk = max(1, chunk_elements // prototypes.shape[0])
     recompute = torch.is_grad_enabled() and (features.requires_grad or prototypes.requires_grad)
     losses, start = [], 0
-    for segment in segments:
-        for target_chunk in segment.split(rows_per_chunk):
-            feature_chunk = features[start : start + target_chunk.shape[0]]
-            start += target_chunk.shape[0]
-            if recompute:
-                loss = checkpoint(
-                    _rows_cross_entropy,
-                    feature_chunk,
-                    prototypes,
-                    target_chunk,
-                    temp,
-                    use_reentrant=False,
-                    preserve_rng_state=False,  # deterministic: no RNG state to save per chunk
-                )
-            else:
-                loss = _rows_cross_entropy(feature_chunk, prototypes, target_chunk, temp)
-            losses.append(loss)
+    for target_chunk in _target_chunks(segments, rows_per_chunk):
+        feature_chunk = features[start : start + target_chunk.shape[0]]
+        start += target_chunk.shape[0]
+        if recompute:
+            loss = checkpoint(
+                _rows_cross_entropy,
+                feature_chunk,
+                prototypes,
+                target_chunk,
+                temp,
+                use_reentrant=False,
+                preserve_rng_state=False,  # deterministic: no RNG state to save per chunk
+            )
+        else:
+            loss = _rows_cross_entropy(feature_chunk, prototypes, target_chunk, temp)
+        losses.append(loss)
     if not losses:
         return features.new_zeros(0, dtype=torch.float32)
     return torch.cat(losses)
+
+
+def _target_chunks(segments: list[Tensor], rows_per_chunk: int) -> Iterator[Tensor]:
+    """The targets in chunks of ``rows_per_chunk`` rows (the last may be shorter), across segment boundaries: many
+    small segments (one per student crop) still make few chunks. A chunk within one segment is a view; one that
+    spans segments is a copy of at most ``rows_per_chunk`` rows."""
+    pieces: list[Tensor] = []
+    rows = 0
+    for segment in segments:
+        offset = 0
+        while offset < segment.shape[0]:
+            take = min(rows_per_chunk - rows, segment.shape[0] - offset)
+            pieces.append(segment[offset : offset + take])
+            rows, offset = rows + take, offset + take
+            if rows == rows_per_chunk:
+                yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                pieces, rows = [], 0
+    if pieces:
+        yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _rows_cross_entropy(features: Tensor, prototypes: Tensor, targets: Tensor, temp: float) -> Tensor:

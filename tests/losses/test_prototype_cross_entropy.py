@@ -87,3 +87,13 @@ def test_dino_loss_as_one_cross_entropy_per_student_crop(n_student: int, n_teach
 def test_dino_student_targets_need_two_views() -> None:
     with pytest.raises(ValueError, match="no pair of different views"):
         dino_student_targets(torch.rand(2, 3, 4), num_student_crops=1)
+
+
+def test_chunks_run_across_target_segments() -> None:
+    from dinolab.losses.prototypes import _target_chunks
+
+    segments = [torch.randn(n, 6) for n in (3, 1, 1, 5)]
+    chunks = list(_target_chunks(segments, rows_per_chunk=4))
+    assert [c.shape[0] for c in chunks] == [4, 4, 2]  # not one chunk per segment
+    torch.testing.assert_close(torch.cat(chunks), torch.cat(segments))
+    assert chunks[2].data_ptr() == segments[3][3:].data_ptr()  # within one segment: a view, no copy
