@@ -304,6 +304,16 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
+def _stage_vectors(
+    store: StoreSpec | None, config: PipelineConfig, state: CurationState, pool: ArrayLike, purpose: str
+) -> ArrayLike:
+    """The pool's vectors for one stage: its own embedding store (e.g. a copy-detection one), aligned to the pool's
+    paths, or the pool embedding."""
+    if store is None:
+        return pool
+    return aligned_vectors(open_store(store, config.embed), state.paths, purpose)
+
+
 def _dedup(
     config: PipelineConfig,
     state: CurationState,
@@ -313,9 +323,7 @@ def _dedup(
     plots_dir: Path,
 ) -> None:
     stage = config.dedup
-    x = pool
-    if stage.store is not None:
-        x = aligned_vectors(open_store(stage.store, config.embed), state.paths, "deduplication")
+    x = _stage_vectors(stage.store, config, state, pool, "deduplication")
     alive = np.nonzero(state.alive)[0]
     result = deduplicate(RowSubset(x, alive), stage.threshold, stage.k, config.index)
     removed = np.nonzero(~result.keep)[0]
@@ -341,9 +349,7 @@ def _decontaminate(
     plots_dir: Path,
 ) -> None:
     stage = config.decontaminate
-    x = pool
-    if stage.store is not None:
-        x = aligned_vectors(open_store(stage.store, config.embed), state.paths, "decontamination")
+    x = _stage_vectors(stage.store, config, state, pool, "decontamination")
     eval_stores = [open_store(spec, config.embed) for spec in stage.eval]
     eval_paths = [s.paths() for s in eval_stores]
     alive = np.nonzero(state.alive)[0]
