@@ -30,7 +30,7 @@ from dinolab.curation import (
     TransformConfig,
     balanced_sample,
     deduplicate,
-    embed_images,
+    embed_to_store,
     hierarchical_kmeans,
     write_store,
 )
@@ -58,7 +58,7 @@ def bench_embedding(root: Path, num_images: int, batch_size: int, num_workers: i
         device="cpu",
         progress=False,
     )
-    result = embed_images(config)
+    result = embed_to_store(config)
     return {
         "images": result.images,
         "seconds": round(result.seconds, 2),

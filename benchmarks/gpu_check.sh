@@ -34,12 +34,16 @@ for dtype in (None, torch.bfloat16):
     print(dtype, "loss max diff", (ours - ref).abs().max().item(),
           "grad rel diff", [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(go, gr)])
 
+import sys
+
 import numpy as np
 from dinolab.data.augmentation import MultiCropViews
 from dinolab.data.collate import collate_views
 from dinolab.data.masking import MaskingGenerator
 from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig
 from dinolab.train.meta_arch import SSLMetaArch
+sys.path.insert(0, "benchmarks")
+from naive_meta_arch import IBOTStyleMetaArch
 
 views = [MultiCropViews(global_crops=[torch.randn(3, 224, 224) for _ in range(2)],
                         local_crops=[torch.randn(3, 98, 98) for _ in range(8)], local_size=98) for _ in range(4)]
@@ -48,8 +52,8 @@ batch = collate_views(views, MaskingGenerator(16), mask_sample_probability=1.0, 
 def run(naive: bool):
     torch.manual_seed(0)
     model = ModelConfig(arch="vit_small", depth=4, drop_path_rate=0.0, packed_sequences=not naive)
-    arch = SSLMetaArch(model, HeadsConfig(), LossConfig(chunked_cross_entropy=not naive), img_size=224).cuda()
-    arch.heads_on_all_patches = naive
+    meta_arch = IBOTStyleMetaArch if naive else SSLMetaArch
+    arch = meta_arch(model, HeadsConfig(), LossConfig(chunked_cross_entropy=not naive), img_size=224).cuda()
     terms = arch(batch, teacher_temp=0.07)
     terms.total.backward()
     return terms.detached(), {k: p.grad for k, p in arch.student.named_parameters() if p.grad is not None}

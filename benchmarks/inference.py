@@ -22,9 +22,9 @@ import time
 import torch
 from torch import Tensor, nn
 
-from dinolab.features.extract import autocast_context
 from dinolab.hub import load_strict, to_dinov2_state_dict
 from dinolab.models.vit import ARCHS, build_vit
+from dinolab.runtime import autocast_context
 
 TIMM_NAMES = {
     "vit_small": "vit_small_patch14_dinov2",

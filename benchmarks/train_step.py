@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+from naive_meta_arch import IBOTStyleMetaArch  # benchmarks/: the script's own folder is on sys.path
 
 from dinolab.data.augmentation import MultiCropViews
 from dinolab.data.collate import Batch, collate_views
@@ -106,8 +107,8 @@ def build(args: argparse.Namespace) -> StepContext:
     )
     heads = HeadsConfig(dino_prototypes=args.prototypes, ibot_prototypes=args.prototypes)
     loss = LossConfig(chunked_cross_entropy=not args.no_chunked_loss)
-    model = SSLMetaArch(model_cfg, heads, loss, img_size=args.global_size).to(device)
-    model.heads_on_all_patches = args.heads_on_all_patches
+    arch = IBOTStyleMetaArch if args.heads_on_all_patches else SSLMetaArch
+    model = arch(model_cfg, heads, loss, img_size=args.global_size).to(device)
     if args.activation_checkpointing:
         for block in model.student["backbone"].blocks:
             block.activation_checkpointing = True

@@ -34,3 +34,40 @@ def test_inference_benchmark_compares_with_timm_on_the_same_weights() -> None:
         "--steps", "1", "--warmup", "1", "--device", "cpu",
     )  # fmt: skip
     assert record["max_abs_diff_vs_timm_fp32"] < 1e-4 and record["ratio_vs_timm"] > 0
+
+
+def test_onnx_inference_benchmark_times_both_runtimes_on_one_export() -> None:
+    record = _json_line(
+        str(BENCHMARKS / "onnx_inference.py"), "--depth", "1", "--batch-size", "1", "--image-size", "56",
+        "--steps", "1", "--warmup", "1", "--threads", "1",
+    )  # fmt: skip
+    assert record["max_abs_diff_patch_tokens"] < 1e-4 and record["ratio_onnxruntime_vs_torch"] > 0
+
+
+def test_distributed_curation_benchmark_runs_in_one_process(tmp_path: Path) -> None:
+    record = _json_line(
+        str(BENCHMARKS / "curation_distributed.py"), "--pool-size", "3000", "--dim", "32", "--clusters", "20,4",
+        "--store", str(tmp_path), "--cores", "1",
+    )  # fmt: skip
+    assert record["processes"] == 1 and record["duplicates_removed"] == 60 and record["selected"] == 300
+
+
+@pytest.mark.slow
+def test_ssl_quality_benchmark_compares_teacher_random_init_and_pixels(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(BENCHMARKS / "ssl_quality.py"), "--recipe", "test_tiny", "--datasets", "digits",
+        "--seeds", "0", "--split", "train-val", "--out", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    names = [row["name"] for row in result["scores"]]
+    assert names == ["pretrained teacher (test_tiny)", "same ViT, random init", "raw pixels"]
+    assert all(0 <= row["knn"] <= 100 for row in result["scores"])
+    assert result["curves"]["health/dino_row_entropy"] and (tmp_path / "health_curves.png").is_file()
+    assert "± " in (tmp_path / "results.md").read_text()
+
+
+def test_health_overhead_benchmark_times_both_steps() -> None:
+    command = [sys.executable, str(BENCHMARKS / "health_overhead.py"), "--recipe", "test_tiny", "--steps", "1"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "with health" in output and "per iteration" in output

@@ -7,7 +7,16 @@ import json
 import os
 from pathlib import Path
 
-from dinolab.curation.embed import EmbedConfig, TransformConfig, embed_images
+import torch
+
+from dinolab.cli.options import (
+    MODEL_HELP,
+    add_backbone_arguments,
+    add_runtime_arguments,
+    backbone_from_args,
+    model_description,
+)
+from dinolab.curation.embed import EmbedConfig, TransformConfig, embed_to_store
 from dinolab.curation.index import INDEX_KINDS, IndexConfig
 from dinolab.curation.pipeline import (
     DecontaminateStage,
@@ -19,6 +28,7 @@ from dinolab.curation.pipeline import (
     run_pipeline,
 )
 from dinolab.curation.store import EmbeddingStore
+from dinolab.runtime import join_process_group
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -52,19 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     embed = actions.add_parser("embed", help="embed images into a sharded store (resumable; torchrun-parallel)")
-    embed.add_argument(
-        "--model", required=True, help="backbone (dinov2_vits14, vit_small, checkpoint), TorchScript file or pixels[:S]"
-    )
+    add_backbone_arguments(embed, model_help=MODEL_HELP + ", a TorchScript file, or pixels[:S] (grey thumbnails)")
+    add_runtime_arguments(embed, num_workers=2)
     embed.add_argument("--inputs", nargs="+", required=True, help="image folders, files or .txt path lists")
     embed.add_argument("--store", type=Path, required=True, help="store folder")
     embed.add_argument("--resize", type=int, default=256, help="short side (with --crop) or square side (--crop 0)")
     embed.add_argument("--crop", type=int, default=224, help="centre crop; 0 = resize the whole image, no crop")
     embed.add_argument("--shard-size", type=int, default=4096)
     embed.add_argument("--batch-size", type=int, default=64)
-    embed.add_argument("--num-workers", type=int, default=2)
-    embed.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="compute precision")
     embed.add_argument("--storage-dtype", default="fp16", choices=("fp16", "fp32"), help="precision on disk")
-    embed.add_argument("--device", default=None)
     embed.add_argument("--rank", type=int, default=None, help="this process' rank (default: $RANK or 0)")
     embed.add_argument("--world-size", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
     embed.set_defaults(_run=_run_embed)
@@ -128,8 +134,15 @@ def run(args: argparse.Namespace) -> int:  # replaced by the chosen action's fun
 def _run_embed(args: argparse.Namespace) -> int:
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if not args.model:
+        raise ValueError("name the model with --model MODEL (a backbone, a TorchScript file or pixels[:S])")
+    # the shared loader for what it reads (weights, keywords, run directories); curation's own for pixels[:S],
+    # TorchScript files and plain names. The store records the whole description, so a resume checks it.
+    shared = bool(args.weights or args.model_arg) or Path(args.model).is_dir()
+    torch.manual_seed(args.seed)  # random-init backbones are reproducible
+    model = backbone_from_args(args) if shared else None
     config = EmbedConfig(
-        model=args.model,
+        model=model_description(args),
         inputs=tuple(args.inputs),
         store=args.store,
         transform=TransformConfig(resize=args.resize, crop=args.crop),
@@ -141,20 +154,18 @@ def _run_embed(args: argparse.Namespace) -> int:
         device=args.device,
         rank=rank,
         world_size=world,
-        progress=rank == 0,
+        progress=rank == 0 and not args.no_progress,
     )
-    distributed = world > 1 and "MASTER_ADDR" in os.environ  # launched by torchrun: wait for every rank
-    if distributed:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-    result = embed_images(config)
+    distributed = join_process_group("gloo", min_world_size=2)  # launched by torchrun: wait for every rank
+    result = embed_to_store(config, model=model)
     print(
         f"rank {rank}/{world}: embedded {result.images} images in {len(result.embedded_shards)} shards "
         f"({result.images_per_second:.1f} img/s), {result.failures} unreadable, "
         f"{len(result.skipped_shards)} shards already done"
     )
     if distributed:
+        import torch.distributed as dist
+
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
@@ -203,6 +214,8 @@ def _pipeline_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _report(summary: dict) -> int:
+    if "outputs" not in summary:  # a rank > 0 under torchrun: rank 0 wrote the outputs and reports them
+        return 0
     counts = {k: summary[k] for k in ("pool", "duplicates", "contaminated", "selected") if k in summary}
     print(json.dumps(counts))
     print(f"outputs: {summary['outputs']['selected']}, {summary['outputs']['manifest']}")

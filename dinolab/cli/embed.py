@@ -1,4 +1,4 @@
-"""``dinolab embed MODEL INPUTS... --output DIR``: features of image files, row-aligned with their paths."""
+"""``dinolab embed --model MODEL INPUTS... --output DIR``: features of image files, row-aligned with their paths."""
 
 from __future__ import annotations
 
@@ -9,47 +9,50 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from dinolab.cli.options import add_backbone_arguments, add_runtime_arguments, backbone_from_args, take_positional_model
+from dinolab.data.images import ImageScan, scan_images
+from dinolab.data.shards import only_files, open_images
 from dinolab.features.embed import Resolution, embed_images, estimate_bytes, parse_image_size
-from dinolab.features.extract import DTYPES, default_device
-from dinolab.features.writers import FORMATS, check_formats, summarize, write_embeddings
-from dinolab.hub import RELEASED, CheckpointMismatchError, WeightsUnavailableError, load_backbone
+from dinolab.features.writers import FORMATS, check_formats, embedding_output, summarize, write_embeddings
+from dinolab.hub import CheckpointMismatchError, WeightsUnavailableError
+from dinolab.runtime import OutputDir, resolve_device
 
 # errors that come from what the user typed or pointed at: reported in one line, exit code 2
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, WeightsUnavailableError, CheckpointMismatchError)
 MAX_FAILURES_SHOWN = 20
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """MODEL, --weights, --device, --dtype, --batch-size, --num-workers, --no-progress (shared with ``pca``)."""
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help=f"a released backbone ({', '.join(RELEASED)}), an architecture for random init (vit_small …) "
-        "or a checkpoint file (released .pth, timm, Hugging Face, safetensors, dinolab training checkpoints)",
-    )
-    parser.add_argument(
-        "--weights", metavar="PATH", help="local checkpoint file for a released MODEL name (instead of downloading)"
-    )
+def add_model_arguments(parser: argparse.ArgumentParser, num_workers: int = min(4, os.cpu_count() or 1)) -> None:
+    """The shared backbone and runtime options, and --batch-size (shared with ``pca`` and ``attention``)."""
+    add_backbone_arguments(parser)
+    add_runtime_arguments(parser, num_workers=num_workers)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
+
+
+def add_picture_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``pca`` and ``attention`` share: the model and runtime options, IMAGES, --output and --image-size."""
+    add_model_arguments(parser, num_workers=0)
+    parser.set_defaults(batch_size=8)
     parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="image-decoding processes (default %(default)s)",
+        "images", nargs="+", metavar="IMAGES", help="image files, folders (recursive) and .txt lists of paths"
     )
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder for the PNGs")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32", help="compute precision (autocast); stored as float32"
+        "--image-size",
+        default="448",
+        metavar="H[xW]",
+        help="resize every image to H x W, multiples of the patch size (default 448)",
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUTS", help="image files, folders (recursive) and .txt lists of paths"
+        "inputs",
+        nargs="+",
+        metavar="INPUTS",
+        help="image files, folders (recursive), .txt lists of paths, tar shards (DIR, a/{000..009}.tar), hf-disk:PATH",
     )
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--patch-pooled", action="store_true", help="also the mean of the patch tokens [N, D]")
@@ -72,21 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(spec: str, weights: str | None) -> nn.Module:
-    """MODEL (+ --weights) -> backbone in eval mode."""
-    if weights is None:
-        try:
-            return load_backbone(spec)
-        except WeightsUnavailableError as error:
-            raise WeightsUnavailableError(f"{error}. On the command line: --weights PATH") from error
-    if spec not in RELEASED:
-        raise ValueError(
-            f"--weights applies to released model names ({', '.join(RELEASED)}), not {spec!r}; "
-            "to use a checkpoint file, pass it as MODEL"
-        )
-    return load_backbone(spec, weights=weights)
-
-
 def resolution_from_args(args: argparse.Namespace) -> Resolution:
     if args.image_size is not None:
         if args.resize is not None or args.crop is not None:
@@ -96,6 +84,16 @@ def resolution_from_args(args: argparse.Namespace) -> Resolution:
     crop = args.crop if args.crop is not None else 224
     resize = args.resize if args.resize is not None else round(crop * 8 / 7)
     return Resolution(mode="crop", resize=resize, crop=crop)
+
+
+def write_failures(failed: list[tuple[Path, str]], total: int, out_dir: Path) -> None:
+    """List the unreadable images in ``out_dir/failed.txt`` (path, tab, error) and name them on stderr."""
+    if not failed:
+        return
+    failed_file = out_dir / "failed.txt"
+    failed_file.parent.mkdir(parents=True, exist_ok=True)
+    failed_file.write_text("".join(f"{p}\t{' '.join(err.split())}\n" for p, err in failed))
+    report_failures(failed, total, failed_file)
 
 
 def report_failures(failed: list[tuple[Path, str]], total: int, failed_file: Path) -> None:
@@ -117,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dinolab.data.images import list_images
+    take_positional_model(args, "inputs")
 
     formats = check_formats(args.formats or ["npy"])
     resolution = resolution_from_args(args)
@@ -130,11 +128,32 @@ def _run(args: argparse.Namespace) -> int:
         )
         if wanted
     ]
-    paths = list_images(args.inputs)
+    if only_files(args.inputs):
+        scan = scan_images(args.inputs)
+    else:  # tar shards / hf-disk: datasets: images are named SHARD#OFFSET / hf-disk:PATH#ROW
+        scan = ImageScan([Path(name) for name in open_images(args.inputs).names()])
+    paths = scan.paths
     if not paths:
         raise ValueError(f"no images found in {args.inputs} (extensions searched in folders: jpg, png, …)")
+    out_dir = Path(args.output)
+    staging = embedding_output(out_dir)  # a bad --output fails now, not after the embedding
+    try:
+        return _embed(args, scan, staging, formats, resolution, outputs)
+    finally:
+        staging.discard()  # a no-op once the outputs are in place
+
+
+def _embed(
+    args: argparse.Namespace,
+    scan: ImageScan,
+    staging: OutputDir,
+    formats: list[str],
+    resolution: Resolution,
+    outputs: list[str],
+) -> int:
+    paths, out_dir = scan.paths, staging.target
     start = time.perf_counter()
-    model = load_model(args.model, args.weights)
+    model = backbone_from_args(args)
     load_seconds = time.perf_counter() - start
     resolution.check_patch_size(model.patch_size)
     if args.patch_tokens:
@@ -145,10 +164,11 @@ def _run(args: argparse.Namespace) -> int:
             f"{size / 2**20:,.0f} MiB in memory and on disk",
             file=sys.stderr,
         )
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
+    sharded = not only_files(args.inputs)
     result = embed_images(
         model,
-        paths,
+        list(args.inputs) if sharded else paths,
         outputs=outputs,
         resolution=resolution,
         batch_size=args.batch_size,
@@ -156,8 +176,9 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=device,
         progress=not args.no_progress,
-        expand=False,
+        expand=sharded,
     )
+    result.failed.extend((path, f"not searched: {reason}") for path, reason in scan.problems)
     summary = summarize(
         result,
         model_name=args.model,
@@ -168,10 +189,11 @@ def _run(args: argparse.Namespace) -> int:
         weights=args.weights,
         batch_size=args.batch_size,
         torch_version=torch.__version__,
+        inputs=[str(source) for source in args.inputs],
+        command="dinolab embed",
     )
     summary["timing"] = {"load_model_s": round(load_seconds, 4), **summary["timing"]}
-    out_dir = Path(args.output)
-    write_embeddings(result, out_dir, formats, summary)
+    write_embeddings(result, out_dir, formats, summary, staging=staging)
     print(
         f"embedded {len(result.paths)} images ({', '.join(f'{k} {list(v.shape[1:])}' for k, v in result.features.items())}) "
         f"in {result.seconds:.1f} s ({result.images_per_s:.1f} images/s) -> {out_dir}"

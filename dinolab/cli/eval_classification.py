@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from dinolab.cli.options import (
+    MODEL_HELP,
+    add_backbone_arguments,
+    add_runtime_arguments,
+    backbone_from_args,
+    model_kwargs,
+)
 from dinolab.eval.classification import evaluate_classification
 from dinolab.eval.datasets import LabelledData, LabelledImages, load_labelled
 from dinolab.eval.features import ExtractionConfig, file_fingerprint
@@ -23,20 +28,8 @@ DATA_HELP = (
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("backbone")
-    model.add_argument(
-        "--model",
-        help="hub name (dinov2_vits14), architecture for random init (vit_small) or "
-        "checkpoint file; not needed when every set is precomputed embeddings",
-    )
-    model.add_argument("--weights", help="checkpoint file to load into --model (any supported format)")
-    model.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra keyword for building the backbone, e.g. depth=2 or pretrained=False (repeatable)",
-    )
+    add_backbone_arguments(parser, model_help=MODEL_HELP + "; not needed when every set is precomputed embeddings")
+    add_runtime_arguments(parser, num_workers=2)
     data = parser.add_argument_group("data")
     data.add_argument("--train", required=True, metavar="DATA", help="training set: " + DATA_HELP)
     data.add_argument("--val", metavar="DATA", help="validation set (default: a stratified part of --train)")
@@ -48,9 +41,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     extract = parser.add_argument_group("feature extraction")
     extract.add_argument("--batch-size", type=int, default=64, help="extraction batch size (default 64)")
-    extract.add_argument("--num-workers", type=int, default=2)
-    extract.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="backbone autocast dtype")
-    extract.add_argument("--device", help="cuda, cuda:1, cpu … (default: cuda when available)")
     extract.add_argument("--resize", type=int, default=256, help="short side before the center crop (default 256)")
     extract.add_argument("--crop", type=int, default=224, help="center-crop size (default 224)")
     extract.add_argument(
@@ -60,8 +50,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     extract.add_argument("--no-cache", action="store_true", help="always extract, never read or write the cache")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for <task>.json and <task>.md")
-    parser.add_argument("--seed", type=int, default=0, help="seed of splits, random init and training (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 @dataclass
@@ -74,36 +62,15 @@ class Inputs:
     extraction: ExtractionConfig
 
 
-def _model_kwargs(pairs: list[str]) -> dict[str, object]:
-    kwargs: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {pair!r}")
-        try:
-            kwargs[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            kwargs[key] = text  # a bare word is a string
-    return kwargs
-
-
-def load_model(spec: str, weights: str | None, kwargs: dict[str, object]) -> tuple[nn.Module, str]:
-    """The backbone and a cheap identity for the feature cache (files: path + size + mtime)."""
-    from dinolab.hub import RELEASED, load_backbone, load_checkpoint_into
-    from dinolab.models.vit import ARCHS
-
-    identity = f"{spec}:{sorted(kwargs.items())}"
-    if spec in RELEASED and weights:
-        return load_backbone(spec, weights=weights, **kwargs), f"{identity}:{file_fingerprint(weights)}"
-    model = load_backbone(spec, **kwargs)
-    if weights:
-        if spec not in ARCHS:
-            raise SystemExit("--weights goes with a hub name or an architecture name, not with a checkpoint --model")
-        load_checkpoint_into(model, weights)
-        return model, f"{identity}:{file_fingerprint(weights)}"
-    if Path(spec).expanduser().is_file():
-        return model, f"{identity}:{file_fingerprint(Path(spec).expanduser())}"
-    return model, None  # random init: identified by hashing its state dict
+def model_identity(args: argparse.Namespace) -> str | None:
+    """A cheap identity of the backbone for the feature cache (files: path + size + mtime); None for a random
+    init or a run directory, which are identified by hashing their state dict."""
+    identity = f"{args.model}:{sorted(model_kwargs(args.model_arg).items())}"
+    if args.weights:
+        return f"{identity}:{file_fingerprint(args.weights)}"
+    if Path(args.model).expanduser().is_file():
+        return f"{identity}:{file_fingerprint(Path(args.model).expanduser())}"
+    return None
 
 
 def prepare(args: argparse.Namespace) -> Inputs:
@@ -120,8 +87,7 @@ def prepare(args: argparse.Namespace) -> Inputs:
     if needs_model:
         if not args.model:
             raise SystemExit("--model is needed to extract features from images (e.g. --model dinov2_vits14)")
-        torch.manual_seed(args.seed)  # random-init backbones are reproducible
-        backbone, model_id = load_model(args.model, args.weights, _model_kwargs(args.model_arg))
+        backbone, model_id = backbone_from_args(args), model_identity(args)
     extraction = ExtractionConfig(
         resize=args.resize,
         crop=args.crop,
@@ -139,7 +105,7 @@ def run_tasks(args: argparse.Namespace, task: str, **configs: object) -> int:
     """Run one task end to end, write ``<task>.json`` / ``<task>.md`` in ``--output`` and print the table.
 
     Under torchrun, every process extracts its share of the features (gathered on all); rank 0 writes."""
-    from dinolab.train.distributed import init_distributed
+    from dinolab.runtime import init_distributed
 
     env = init_distributed("cpu" if args.device == "cpu" else "auto")
     inputs = prepare(args)

@@ -3,79 +3,48 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from dinolab.features.extract import DTYPES, default_device
+from dinolab.cli.options import add_backbone_arguments, add_runtime_arguments
+from dinolab.eval.dense import DenseResult
+from dinolab.runtime import atomic_write, atomic_write_json, json_default, resolve_device
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Backbone, device, output folder and loader options."""
-    parser.add_argument(
-        "--backbone",
-        default="dinov2_vits14",
-        help="released name (dinov2_vits14 ...), architecture for random init (vit_small ...) or checkpoint path",
-    )
-    parser.add_argument(
-        "--backbone-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra keyword for the backbone constructor, e.g. depth=2 (repeatable; values are Python literals)",
-    )
+    """The shared backbone and runtime options, and the output folder."""
+    add_backbone_arguments(parser, default="dinov2_vits14")
+    add_runtime_arguments(parser, num_workers=4)
     parser.add_argument("--output", required=True, type=Path, help="folder for results.json, the head and pictures")
-    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype of the backbone")
-    parser.add_argument("--num-workers", type=int, default=4, help="data loading processes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def parse_backbone_args(items: list[str]) -> dict[str, object]:
-    """``["depth=2", "img_size=56"]`` -> ``{"depth": 2, "img_size": 56}`` (strings stay strings)."""
-    kwargs: dict[str, object] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--backbone-arg expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            kwargs[key] = text
-    return kwargs
-
-
-def build_backbone(args: argparse.Namespace) -> torch.nn.Module:
-    from dinolab.hub import load_backbone
-
-    torch.manual_seed(args.seed)  # random-init backbones are reproducible
-    return load_backbone(args.backbone, **parse_backbone_args(args.backbone_arg))
-
-
-def device_of(args: argparse.Namespace) -> torch.device:
-    return torch.device(args.device) if args.device else default_device()
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, object]) -> Path:
     """Write ``payload`` as indented JSON atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, payload)
 
 
-def _jsonable(value: object) -> object:
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()  # numpy arrays and scalars
-    return repr(value)
+def finish(output: Path, record: dict[str, object], results: DenseResult, name: str) -> int:
+    """Write ``record`` with ``results`` into ``output/results.json`` and print the summary line."""
+    path = write_json(output / "results.json", {**record, "results": results.to_dict()})
+    print(f"{name}: {results.summary_line()} -> {path}")
+    return 0
+
+
+def evaluation_options(args: argparse.Namespace) -> dict[str, object]:
+    """The keyword arguments every ``evaluate_*`` of a dense task takes from the command line."""
+    return dict(
+        device=resolve_device(args.device),
+        max_images=args.max_val_images,
+        picture_dir=args.output / "pictures",
+        num_pictures=args.num_pictures,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
 
 
 def resolved_arguments(args: argparse.Namespace) -> dict[str, object]:
@@ -88,10 +57,8 @@ def save_head(path: Path, head: torch.nn.Module, meta: dict[str, object]) -> Pat
     from dinolab.eval.heads import head_checkpoint
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(head_checkpoint(head, {"config": json.dumps(meta, default=_jsonable)}), tmp)
-    tmp.replace(path)
-    return path
+    checkpoint = head_checkpoint(head, {"config": json.dumps(meta, default=json_default)})
+    return atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
 def loss_summary(losses: list[float]) -> dict[str, float | int | None]:

@@ -7,13 +7,14 @@ import argparse
 
 from dinolab.cli.eval_dense import (
     add_common_arguments,
-    build_backbone,
-    device_of,
+    evaluation_options,
+    finish,
     loss_summary,
     resolved_arguments,
     save_head,
-    write_json,
 )
+from dinolab.cli.options import backbone_from_args
+from dinolab.runtime import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from dinolab.eval.heads import Depther, depth_head_from_checkpoint, make_depth_head, official_depth_blocks
 
     train_set, val_set = load_sets(args)
-    device = device_of(args)
-    backbone = build_backbone(args)
+    device = resolve_device(args.device)
+    backbone = backbone_from_args(args)
     blocks = 1 if args.layers == 1 else official_depth_blocks(backbone.n_blocks)
     head_kwargs = dict(
         min_depth=val_set.min_depth,
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     expected = (1 if isinstance(blocks, int) else len(blocks)) * backbone.embed_dim * (1 if args.no_cls else 2)
     if head.conv_depth.in_channels != expected:
         raise SystemExit(
-            f"{args.head}: head reads {head.conv_depth.in_channels} channels but {args.backbone} with --layers "
+            f"{args.head}: head reads {head.conv_depth.in_channels} channels but {args.model} with --layers "
             f"{args.layers}{' --no-cls' if args.no_cls else ''} gives {expected}"
         )
     model = Depther(backbone, head, blocks, with_cls=not args.no_cls)
@@ -149,22 +150,5 @@ def run(args: argparse.Namespace) -> int:
         record["train_loss"] = loss_summary(losses)
         record["head"] = str(save_head(output / "head.pth", model.head, resolved_arguments(args)))
     inference = dep.DepthInference(window=args.window, stride=args.stride, flip=not args.no_flip)
-    results = dep.evaluate_depth(
-        model,
-        val_set,
-        inference,
-        device,
-        max_images=args.max_val_images,
-        picture_dir=output / "pictures",
-        num_pictures=args.num_pictures,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-    )
-    record["results"] = results.to_dict()
-    path = write_json(output / "results.json", record)
-    m = results.metrics
-    print(
-        f"{val_set.name}: RMSE {m['rmse']:.4f}  AbsRel {m['abs_rel']:.4f}  d1 {m['delta1']:.4f}  "
-        f"({results.num_images} images) -> {path}"
-    )
-    return 0
+    results = dep.evaluate_depth(model, val_set, inference, **evaluation_options(args))
+    return finish(output, record, results, val_set.name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from dinolab.cli.eval_dense import add_common_arguments, build_backbone, device_of, resolved_arguments, write_json
+from dinolab.cli.eval_dense import add_common_arguments, resolved_arguments, write_json
+from dinolab.cli.options import backbone_from_args
+from dinolab.runtime import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +42,11 @@ def run(args: argparse.Namespace) -> int:
         pooling=args.pooling,
         gem_p=args.gem_p,
     )
-    model = build_backbone(args)
-    results = evaluate_retrieval(model, data, config, device_of(args), args.num_workers, not args.no_progress)
+    model = backbone_from_args(args)
+    results = evaluate_retrieval(
+        model, data, config, resolve_device(args.device), args.num_workers, not args.no_progress
+    )
     record = {"task": "retrieval", "dataset": data.name, "args": resolved_arguments(args), **results.to_dict()}
     path = write_json(args.output / "results.json", record)
-    summary = "  ".join(
-        f"{name} mAP {100 * s.map:.2f}" if s else f"{name}: no positives" for name, s in results.protocols.items()
-    )
-    print(f"{data.name}: {summary} -> {path}")
+    print(f"{data.name}: {results.summary_line()} -> {path}")
     return 0

@@ -6,13 +6,14 @@ import argparse
 
 from dinolab.cli.eval_dense import (
     add_common_arguments,
-    build_backbone,
-    device_of,
+    evaluation_options,
+    finish,
     loss_summary,
     resolved_arguments,
     save_head,
-    write_json,
 )
+from dinolab.cli.options import backbone_from_args
+from dinolab.runtime import resolve_device
 
 DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "voc2012": ("train", "val"), "cityscapes": ("train", "val")}
 
@@ -86,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from dinolab.eval.heads import Segmenter, seg_head_from_checkpoint
 
     train_set, val_set = load_sets(args)
-    device = device_of(args)
-    model = Segmenter(build_backbone(args), val_set.num_classes, seg.segmentation_blocks(args.layers))
+    device = resolve_device(args.device)
+    model = Segmenter(backbone_from_args(args), val_set.num_classes, seg.segmentation_blocks(args.layers))
     model.feature_dtype = args.dtype
     output = args.output
     record: dict[str, object] = {"task": "segmentation", "dataset": val_set.name, "args": resolved_arguments(args)}
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if (head.conv_seg.in_channels, head.conv_seg.out_channels) != expected:
             raise SystemExit(
                 f"{args.head}: head reads {head.conv_seg.in_channels} channels into {head.conv_seg.out_channels} "
-                f"classes, but {args.backbone} with --layers {args.layers} gives {expected[0]} channels and "
+                f"classes, but {args.model} with --layers {args.layers} gives {expected[0]} channels and "
                 f"{val_set.name} has {expected[1]} classes"
             )
         model.head = head
@@ -131,18 +132,5 @@ def run(args: argparse.Namespace) -> int:
         flip=args.flip or (args.ms and not args.scales),
         short_side=args.test_short_side or None,
     )
-    results = seg.evaluate_segmentation(
-        model,
-        val_set,
-        inference,
-        device,
-        max_images=args.max_val_images,
-        picture_dir=output / "pictures",
-        num_pictures=args.num_pictures,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-    )
-    record["results"] = results.to_dict()
-    path = write_json(output / "results.json", record)
-    print(f"{val_set.name}: mIoU {100 * results.miou:.2f}  aAcc {100 * results.pixel_accuracy:.2f}  -> {path}")
-    return 0
+    results = seg.evaluate_segmentation(model, val_set, inference, **evaluation_options(args))
+    return finish(output, record, results, val_set.name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from dinolab.cli.eval_dense import add_common_arguments, build_backbone, device_of, resolved_arguments, write_json
+from dinolab.cli.eval_dense import add_common_arguments, resolved_arguments, write_json
+from dinolab.cli.options import backbone_from_args
+from dinolab.runtime import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
         classifier=args.classifier,
         C=args.C,
     )
-    model = build_backbone(args)
-    results = evaluate_video(model, train, val, config, device_of(args), args.num_workers, not args.no_progress)
+    model = backbone_from_args(args)
+    results = evaluate_video(
+        model, train, val, config, resolve_device(args.device), args.num_workers, not args.no_progress
+    )
     record = {"task": "video", "dataset": val.name, "args": resolved_arguments(args), **results.to_dict()}
     path = write_json(args.output / "results.json", record)
-    print(f"{val.name}: top-1 {100 * results.top1:.2f} ({results.num_val} videos) -> {path}")
+    print(f"{val.name}: {results.summary_line()} -> {path}")
     return 0

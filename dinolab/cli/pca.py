@@ -1,4 +1,4 @@
-"""``dinolab pca MODEL IMAGES... --output DIR``: the DINOv2 PCA picture of patch features (and CLS attention)."""
+"""``dinolab pca --model MODEL IMAGES... --output DIR``: the DINOv2 PCA picture of patch features (and CLS attention)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from dinolab.cli.embed import USER_ERRORS, add_model_arguments, load_model, report_failures
+from dinolab.cli.embed import USER_ERRORS, add_picture_arguments, write_failures
+from dinolab.cli.options import backbone_from_args, take_positional_model
 from dinolab.features.embed import Resolution, parse_image_size
-from dinolab.features.extract import default_device
+from dinolab.runtime import resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.set_defaults(batch_size=8, num_workers=0)
-    parser.add_argument(
-        "images", nargs="+", metavar="IMAGES", help="image files, folders (recursive) and .txt lists of paths"
-    )
-    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder for the PNGs")
-    parser.add_argument(
-        "--image-size",
-        default="448",
-        metavar="H[xW]",
-        help="resize every image to H x W, multiples of the patch size (default 448)",
-    )
+    add_picture_arguments(parser)
     parser.add_argument(
         "--threshold",
         type=float,
@@ -45,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         height, width = parse_image_size(args.image_size)
-        model = load_model(args.model, args.weights)
+        take_positional_model(args, "images")
+        model = backbone_from_args(args)
         Resolution(mode="resize", height=height, width=width).check_patch_size(model.patch_size)
-        device = torch.device(args.device) if args.device else default_device()
+        device = resolve_device(args.device)
         report = pca_pictures(
             model,
             args.images,
@@ -67,9 +56,5 @@ def run(args: argparse.Namespace) -> int:
     total = len(report.pictures) + len(report.failed)
     written = len(report.pictures) + len(report.attention)
     print(f"wrote {written} pictures for {len(report.pictures)} images -> {args.output}")
-    if report.failed:
-        failed_file = Path(args.output) / "failed.txt"
-        failed_file.parent.mkdir(parents=True, exist_ok=True)
-        failed_file.write_text("".join(f"{p}\t{' '.join(err.split())}\n" for p, err in report.failed))
-        report_failures(report.failed, total, failed_file)
+    write_failures(report.failed, total, Path(args.output))
     return 0 if report.pictures else 1

@@ -5,7 +5,7 @@ embed (sharded, resumable stores) -> deduplicate -> decontaminate -> retrieve ar
 
 from dinolab.curation.decontaminate import DecontaminationResult, decontaminate
 from dinolab.curation.dedup import DedupResult, deduplicate
-from dinolab.curation.embed import EmbedConfig, EmbedResult, ThumbnailEmbedder, TransformConfig, embed_images
+from dinolab.curation.embed import EmbedConfig, EmbedResult, ThumbnailEmbedder, TransformConfig, embed_to_store
 from dinolab.curation.index import IndexConfig, build_index, choose_kind, knn
 from dinolab.curation.kmeans import (
     ClusterTree,
@@ -43,7 +43,7 @@ __all__ = [
     "choose_kind",
     "decontaminate",
     "deduplicate",
-    "embed_images",
+    "embed_to_store",
     "hierarchical_kmeans",
     "kmeans",
     "knn",

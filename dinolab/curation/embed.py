@@ -27,8 +27,10 @@ from torch import Tensor, nn
 
 from dinolab.curation.store import EmbeddingStore, SourceRange, StoreMeta, paths_digest
 from dinolab.data.images import ImageFileDataset, list_images
+from dinolab.data.shards import ImageSourceDataset, is_sharded, only_files, open_images
 from dinolab.data.transforms import make_eval_transform, make_resize_transform
-from dinolab.features.extract import DTYPES, extract_features
+from dinolab.features.extract import extract_features
+from dinolab.runtime import check_dtype, resolve_device
 
 PIXELS_PREFIX = "pixels"
 
@@ -59,7 +61,7 @@ class EmbedConfig:
     model: str
     """Backbone spec (``dinov2_vits14``, ``vit_small``, a checkpoint), a TorchScript file, or ``pixels[:S]``."""
     inputs: tuple[str, ...]
-    """Image folders, image files or ``.txt`` path lists."""
+    """Image folders, image files, ``.txt`` path lists, tar shards or ``hf-disk:`` datasets (see docs/scale.md)."""
     store: Path
     """Output store folder (created, or resumed when it already holds this job)."""
     transform: TransformConfig = field(default_factory=TransformConfig)
@@ -80,8 +82,7 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("embedding needs at least one input folder, image or .txt path list")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.shard_size < 1 or self.batch_size < 1:
@@ -155,7 +156,7 @@ def list_inputs(inputs: Sequence[str]) -> tuple[list[str], list[SourceRange]]:
     paths: list[str] = []
     sources: list[SourceRange] = []
     for source in inputs:
-        found = [str(p) for p in list_images(source)]
+        found = open_images(source).names() if is_sharded(source) else [str(p) for p in list_images(source)]
         sources.append(SourceRange(source=str(source), start=len(paths), stop=len(paths) + len(found)))
         paths.extend(found)
     if not paths:
@@ -163,15 +164,7 @@ def list_inputs(inputs: Sequence[str]) -> tuple[list[str], list[SourceRange]]:
     return paths, sources
 
 
-def rank_device(rank: int, device: str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def embed_images(
+def embed_to_store(
     config: EmbedConfig,
     model: nn.Module | None = None,
     after_shard: Callable[[int], None] | None = None,
@@ -198,17 +191,22 @@ def embed_images(
     if not todo:
         return EmbedResult(store, [], skipped, 0, 0, 0.0)
 
+    sharded = None if only_files(config.inputs) else open_images(config.inputs)  # tar shards / hf-disk: datasets
     model = model if model is not None else load_embedding_model(config.model)
-    device = rank_device(config.rank, config.device)
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", config.rank)))
     transform = config.transform.build()
     images = failures = 0
     start_time = time.perf_counter()
     for shard in todo:
         start, stop = store.shard_range(shard)
         shard_paths = paths[start:stop]
+        if sharded is None:
+            dataset = ImageFileDataset(shard_paths, transform)
+        else:
+            dataset = ImageSourceDataset(sharded, transform, np.arange(start, stop))
         extracted = extract_features(
             model,
-            ImageFileDataset(shard_paths, transform),
+            dataset,
             feature_fn=embedding_features,
             batch_size=config.batch_size,
             num_workers=config.num_workers,

@@ -85,11 +85,18 @@ def sample_rows(num_rows: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(num_rows, size, replace=False))
 
 
-def build_index(x: ArrayLike, config: IndexConfig = DEFAULT_INDEX) -> faiss.Index:
-    """An inner-product index over all rows of ``x`` (row ``i`` has id ``i``)."""
+def build_index(
+    x: ArrayLike, config: IndexConfig = DEFAULT_INDEX, train: np.ndarray | None = None, total_rows: int | None = None
+) -> faiss.Index:
+    """An inner-product index over all rows of ``x`` (row ``i`` has id ``i``).
+
+    ``train`` / ``total_rows``: for one shard of a pool split across processes (:mod:`dinolab.curation.distributed`),
+    the global training sample and the pool's size, so that every shard gets the kind, lists and quantiser one
+    index over the whole pool would have."""
     num_rows, dim = x.shape
-    if num_rows == 0:
+    if num_rows == 0 and total_rows is None:
         raise ValueError("cannot index an empty set of embeddings")
+    num_rows = total_rows or num_rows
     kind = choose_kind(num_rows, dim, config)
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
@@ -106,7 +113,8 @@ def build_index(x: ArrayLike, config: IndexConfig = DEFAULT_INDEX) -> faiss.Inde
         train_size = config.train_size or max(32 * nlist, 10_000)
         if kind == "ivfpq":
             train_size = max(train_size, 64 * 2**config.pq_bits)  # PQ codebooks need data of their own
-        train = gather(x, sample_rows(num_rows, train_size, config.seed))
+        if train is None:
+            train = gather(x, sample_rows(num_rows, train_size, config.seed))
         index.cp.min_points_per_centroid = 1  # a small sample is a choice here, not a mistake to warn about
         if kind == "ivfpq":
             index.pq.cp.min_points_per_centroid = 1

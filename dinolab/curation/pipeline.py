@@ -11,6 +11,8 @@ A config file (TOML or JSON) mirrors :class:`PipelineConfig`; see docs/curation.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,14 +20,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import numpy as np
 
-from dinolab.curation import report
+from dinolab.curation import distributed, report
 from dinolab.curation.decontaminate import decontaminate
-from dinolab.curation.dedup import deduplicate
-from dinolab.curation.embed import EmbedConfig, TransformConfig, embed_images
+from dinolab.curation.embed import EmbedConfig, TransformConfig, embed_to_store
 from dinolab.curation.index import IndexConfig, choose_kind
-from dinolab.curation.kmeans import KMeansConfig, balanced_sample, hierarchical_kmeans
+from dinolab.curation.kmeans import KMeansConfig
 from dinolab.curation.retrieve import retrieve_by_cluster, retrieve_nearest
 from dinolab.curation.store import ArrayLike, EmbeddingStore, RowSubset, ShardedArray
+from dinolab.runtime import world
 
 SELECT_MODES = ("all", "sample", "cluster", "balance")
 
@@ -189,7 +191,7 @@ def config_to_dict(obj: Any) -> Any:
 def open_store(spec: StoreSpec, options: EmbedOptions) -> EmbeddingStore:
     """Embed (or finish embedding) ``spec`` when it names a model and inputs, then open it complete."""
     if spec.model:
-        embed_images(
+        embed_to_store(
             EmbedConfig(
                 model=spec.model,
                 inputs=tuple(spec.inputs),
@@ -201,9 +203,53 @@ def open_store(spec: StoreSpec, options: EmbedOptions) -> EmbeddingStore:
                 dtype=options.dtype,
                 storage_dtype=options.storage_dtype,
                 device=options.device,
+                rank=world()[0],
+                world_size=world()[1],
+                progress=world()[0] == 0,
             )
         )
+        distributed.barrier()  # under torchrun every rank embedded its own shards: wait for all of them
     return EmbeddingStore.open(spec.store)
+
+
+def store_dim(spec: StoreSpec) -> int | None:
+    """The embedding size of a store, known without embedding anything: from a shard already written, else from its
+    model (loaded, and run on one blank image); None when neither exists yet."""
+    root = Path(spec.store)
+    if (root / "store.json").is_file():
+        store = EmbeddingStore.open(root, require_complete=False)
+        dims = {store.shard_record(s)["dim"] for s in store.done_shards()} - {0}
+        if dims:
+            return dims.pop()
+    if not spec.model:
+        return None
+    import torch
+
+    from dinolab.curation.embed import embedding_features, load_embedding_model
+
+    side = spec.crop or spec.resize
+    with torch.no_grad():
+        out = embedding_features(load_embedding_model(spec.model), torch.zeros(1, 3, side, side))["embedding"]
+    return int(out.shape[1])
+
+
+def check_decontamination_dims(config: PipelineConfig) -> None:
+    """The evaluation stores of decontamination must have the dimension of the pool embedding they are compared
+    with (the same model); raise ``ValueError`` naming the stores otherwise."""
+    stage = config.decontaminate
+    if stage is None:
+        return
+    compared = stage.store or config.pool
+    pool_dim = store_dim(compared)
+    if pool_dim is None:
+        return
+    wrong = [(spec.store, dim) for spec in stage.eval if (dim := store_dim(spec)) not in (None, pool_dim)]
+    if wrong:
+        listed = ", ".join(f"{store} ({dim})" for store, dim in wrong)
+        raise ValueError(
+            f"decontamination compares {compared.store} ({pool_dim}-dimensional embeddings) with evaluation stores "
+            f"of another dimension: {listed}; embed the evaluation sets with the model of {compared.store}"
+        )
 
 
 def aligned_vectors(store: EmbeddingStore, paths: list[str], what: str) -> ArrayLike:
@@ -218,6 +264,17 @@ def aligned_vectors(store: EmbeddingStore, paths: list[str], what: str) -> Array
             "embed the same inputs into it"
         )
     return RowSubset(store.vectors(), np.array([row_of[p] for p in paths], dtype=np.int64))
+
+
+# why a pool row is in or out: the manifest's ``reason`` column
+KEPT = "kept"
+DUPLICATE = "duplicate"
+CONTAMINATED = "contaminated"
+RETRIEVED = "retrieved"
+NOT_RETRIEVED = "not-retrieved"
+SAMPLED = "sampled"
+NOT_SAMPLED = "not-sampled"
+UNREADABLE = "unreadable"
 
 
 @dataclass
@@ -239,7 +296,7 @@ class CurationState:
             store.paths(),
             store.row_sources(),
             np.ones(n, dtype=bool),
-            [report.KEPT] * n,
+            [KEPT] * n,
             np.full(n, np.nan, dtype=np.float32),
             [""] * n,
             np.full(n, -1, dtype=np.int64),
@@ -254,11 +311,15 @@ class CurationState:
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run the configured stages and write the outputs; returns the summary (also in summary.json)."""
     out = Path(config.output)
-    plots_dir = out / "plots"
+    # under torchrun, deduplication and balancing are split across the ranks (the results gathered on every rank:
+    # the same as one process); rank 0 writes the outputs, the others' plots go to a scratch folder
+    multi = distributed.init_from_env()
+    rank = world()[0]
+    plots_dir = out / "plots" if rank == 0 else Path(tempfile.mkdtemp(prefix=f"dinolab_rank{rank}_"))
     summary: dict[str, Any] = {"command": config.command}
     timings: dict[str, float] = {}
-    plots: list[Path] = []
 
+    check_decontamination_dims(config)  # before anything is embedded: a mismatch found later wastes the embedding
     tick = time.perf_counter()
     pool_store = open_store(config.pool, config.embed)
     timings["embed_pool_s"] = time.perf_counter() - tick
@@ -272,25 +333,31 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         index=choose_kind(len(state.paths), pool.shape[1], config.index),
     )
 
-    if config.dedup is not None:
-        tick = time.perf_counter()
-        _dedup(config, state, pool, summary, plots, plots_dir)
-        timings["dedup_s"] = time.perf_counter() - tick
-    if config.decontaminate is not None:
-        tick = time.perf_counter()
-        _decontaminate(config, state, pool, summary, plots, plots_dir)
-        timings["decontaminate_s"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    _select(config, state, pool, summary, plots, plots_dir)
-    timings["select_s"] = time.perf_counter() - tick
+    stages = [
+        ("dedup", _dedup, config.dedup is not None),
+        ("decontaminate", _decontaminate, config.decontaminate is not None),
+        ("select", _select, True),
+    ]
+    reports: list[StageReport] = []
+    for name, stage, present in stages:
+        if present:
+            tick = time.perf_counter()
+            reports.append(stage(config, state, pool, plots_dir))
+            timings[f"{name}_s"] = time.perf_counter() - tick
+            summary.update(reports[-1].numbers())
+    plots = [path for stage_report in reports for path in stage_report.plots]
 
     kept = [p for p, a in zip(state.paths, state.alive) if a]
+    if rank != 0:
+        shutil.rmtree(plots_dir, ignore_errors=True)
+        distributed.barrier()  # rank 0 writes the outputs
+        return summary
     failures = pool_store.failures()
     manifest = report.Manifest(
         path=state.paths + [f["path"] for f in failures],
         source=state.sources + pool_store.sources_of([f["index"] for f in failures]),
         kept=np.concatenate([state.alive, np.zeros(len(failures), dtype=bool)]),
-        reason=state.reason + [report.UNREADABLE] * len(failures),
+        reason=state.reason + [UNREADABLE] * len(failures),
         cluster=np.concatenate([state.cluster, np.full(len(failures), -1, dtype=np.int64)]),
         similarity=np.concatenate([state.similarity, np.full(len(failures), np.nan, dtype=np.float32)]),
         twin=state.twin + [f["error"] for f in failures],
@@ -300,8 +367,49 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     summary.update(selected=len(kept), outputs={"selected": selected, "manifest": manifest_path})
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
     summary["config"] = config_to_dict(config)
+    summary["processes"] = world()[1]
     report.write_summary(summary, out, plots)
+    if multi:
+        distributed.barrier()
     return summary
+
+
+# ----------------------------------------------------------------------------------------------- stages
+@dataclass(kw_only=True)
+class StageReport:
+    """What a stage reports: its numbers for summary.json (a field left None does not apply) and its plots."""
+
+    plots: list[Path] = field(default_factory=list)
+
+    def numbers(self) -> dict[str, Any]:
+        return {f.name: v for f in fields(self) if f.name != "plots" and (v := getattr(self, f.name)) is not None}
+
+
+@dataclass(kw_only=True)
+class DedupReport(StageReport):
+    duplicates: int
+    """Images removed as copies of a kept one."""
+    duplicate_groups: int
+    """Groups of copies the removed images belonged to."""
+
+
+@dataclass(kw_only=True)
+class DecontaminateReport(StageReport):
+    contaminated: int
+    """Images removed for matching an evaluation image."""
+
+
+@dataclass(kw_only=True)
+class SelectReport(StageReport):
+    select_mode: str
+    seeds: int | None = None
+    """Retrieval: seed images."""
+    target: int | None = None
+    """Balancing: images asked for."""
+    levels: list[int] | None = None
+    """Balancing: clusters per level of the hierarchical k-means."""
+    largest_cluster_share_before: float | None = None
+    largest_cluster_share_after: float | None = None
 
 
 def _stage_vectors(
@@ -314,40 +422,24 @@ def _stage_vectors(
     return aligned_vectors(open_store(store, config.embed), state.paths, purpose)
 
 
-def _dedup(
-    config: PipelineConfig,
-    state: CurationState,
-    pool: ArrayLike,
-    summary: dict[str, Any],
-    plots: list[Path],
-    plots_dir: Path,
-) -> None:
+def _dedup(config: PipelineConfig, state: CurationState, pool: ArrayLike, plots_dir: Path) -> DedupReport:
     stage = config.dedup
     x = _stage_vectors(stage.store, config, state, pool, "deduplication")
     alive = np.nonzero(state.alive)[0]
-    result = deduplicate(RowSubset(x, alive), stage.threshold, stage.k, config.index)
+    result = distributed.deduplicate_everywhere(RowSubset(x, alive), stage.threshold, stage.k, config.index)
     removed = np.nonzero(~result.keep)[0]
     twins = [state.paths[alive[t]] for t in result.twin[removed]]
-    state.drop(alive[removed], report.DUPLICATE, result.similarity[removed], twins)
-    summary.update(duplicates=result.num_removed, duplicate_groups=len(np.unique(result.component[removed])))
-    plots.append(
-        report.plot_similarity_histogram(
-            result.pair_similarities,
-            stage.threshold,
-            "k-NN pair similarity (dedup)",
-            plots_dir / "dedup_similarity.png",
-        )
+    state.drop(alive[removed], DUPLICATE, result.similarity[removed], twins)
+    plot = report.plot_similarity_histogram(
+        result.pair_similarities, stage.threshold, "k-NN pair similarity (dedup)", plots_dir / "dedup_similarity.png"
     )
+    groups = len(np.unique(result.component[removed]))
+    return DedupReport(duplicates=result.num_removed, duplicate_groups=groups, plots=[plot])
 
 
 def _decontaminate(
-    config: PipelineConfig,
-    state: CurationState,
-    pool: ArrayLike,
-    summary: dict[str, Any],
-    plots: list[Path],
-    plots_dir: Path,
-) -> None:
+    config: PipelineConfig, state: CurationState, pool: ArrayLike, plots_dir: Path
+) -> DecontaminateReport:
     stage = config.decontaminate
     x = _stage_vectors(stage.store, config, state, pool, "decontamination")
     eval_stores = [open_store(spec, config.embed) for spec in stage.eval]
@@ -356,27 +448,18 @@ def _decontaminate(
     result = decontaminate(RowSubset(x, alive), [s.vectors() for s in eval_stores], stage.threshold, config.index)
     dropped = np.nonzero(result.drop)[0]
     twins = [eval_paths[result.match_set[r]][result.match[r]] for r in dropped]
-    state.drop(alive[dropped], report.CONTAMINATED, result.similarity[dropped], twins)
-    summary.update(contaminated=result.num_dropped)
-    plots.append(
-        report.plot_similarity_histogram(
-            result.similarity, stage.threshold, "max similarity to evaluation images", plots_dir / "eval_similarity.png"
-        )
+    state.drop(alive[dropped], CONTAMINATED, result.similarity[dropped], twins)
+    plot = report.plot_similarity_histogram(
+        result.similarity, stage.threshold, "max similarity to evaluation images", plots_dir / "eval_similarity.png"
     )
+    return DecontaminateReport(contaminated=result.num_dropped, plots=[plot])
 
 
-def _select(
-    config: PipelineConfig,
-    state: CurationState,
-    pool: ArrayLike,
-    summary: dict[str, Any],
-    plots: list[Path],
-    plots_dir: Path,
-) -> None:
+def _select(config: PipelineConfig, state: CurationState, pool: ArrayLike, plots_dir: Path) -> SelectReport:
     stage = config.select
-    summary["select_mode"] = stage.mode
+    out = SelectReport(select_mode=stage.mode)
     if stage.mode == "all":
-        return
+        return out
     alive = np.nonzero(state.alive)[0]
     x = RowSubset(pool, alive)
     kmeans_config = KMeansConfig(niter=stage.niter, seed=stage.seed)
@@ -393,8 +476,8 @@ def _select(
             clusters_before = np.bincount(result.pool_cluster, minlength=min(stage.clusters[0], len(x)))
         chosen = result.selected
         best, seed_of = result.best_seed(len(x))
-        reason_in, reason_out = report.RETRIEVED, report.NOT_RETRIEVED
-        plots.append(
+        reason_in, reason_out = RETRIEVED, NOT_RETRIEVED
+        out.plots.append(
             report.plot_similarity_histogram(
                 result.similarity[result.neighbors >= 0],
                 None,
@@ -405,15 +488,17 @@ def _select(
         state.similarity[alive[chosen]] = best[chosen]
         for r in chosen:
             state.twin[alive[r]] = seed_paths[seed_of[r]]
-        summary.update(seeds=len(seeds))
+        out.seeds = len(seeds)
     else:
         levels = [min(k, len(x)) for k in stage.clusters]
-        tree = hierarchical_kmeans(x, levels, kmeans_config, [0] + [stage.resampling_steps] * (len(levels) - 1))
-        chosen = balanced_sample(tree, stage.target, stage.pick, stage.seed)
+        steps = [0] + [stage.resampling_steps] * (len(levels) - 1)
+        tree, chosen = distributed.balance_everywhere(
+            x, levels, kmeans_config, steps, stage.target, stage.pick, stage.seed
+        )
         state.cluster[alive] = tree.levels[0].assignment
         clusters_before = tree.sizes(0)
-        reason_in, reason_out = report.SAMPLED, report.NOT_SAMPLED
-        summary.update(target=stage.target, levels=levels)
+        reason_in, reason_out = SAMPLED, NOT_SAMPLED
+        out.target, out.levels = stage.target, levels
     is_chosen = np.zeros(len(x), dtype=bool)
     is_chosen[chosen] = True
     for r, c in zip(alive, is_chosen):
@@ -422,10 +507,9 @@ def _select(
     if clusters_before is not None:
         labels = state.cluster[alive]
         after = np.bincount(labels[is_chosen], minlength=len(clusters_before))
-        plots.append(
+        out.plots.append(
             report.plot_cluster_sizes(clusters_before, after, plots_dir / "cluster_sizes.png", "cluster sizes (leaves)")
         )
-        summary.update(
-            largest_cluster_share_before=round(float(clusters_before.max() / max(clusters_before.sum(), 1)), 6),
-            largest_cluster_share_after=round(float(after.max() / max(after.sum(), 1)), 6),
-        )
+        out.largest_cluster_share_before = round(float(clusters_before.max() / max(clusters_before.sum(), 1)), 6)
+        out.largest_cluster_share_after = round(float(after.max() / max(after.sum(), 1)), 6)
+    return out

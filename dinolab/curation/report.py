@@ -12,7 +12,6 @@ An output folder holds::
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dinolab.curation.store import write_json_atomic, write_text_atomic
-
-# why an image was kept or dropped (the manifest's ``reason`` column)
-KEPT = "kept"
-DUPLICATE = "duplicate"
-CONTAMINATED = "contaminated"
-RETRIEVED = "retrieved"
-NOT_RETRIEVED = "not-retrieved"
-SAMPLED = "sampled"
-NOT_SAMPLED = "not-sampled"
-UNREADABLE = "unreadable"
+from dinolab.runtime import atomic_write_json, atomic_write_text
 
 MANIFEST_COLUMNS = ("path", "source", "kept", "reason", "cluster", "similarity", "twin")
 
@@ -78,7 +67,7 @@ def write_path_list(paths: Sequence[str], path: str | Path) -> Path:
     """One path per line: the dataset format pretraining accepts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "".join(f"{p}\n" for p in paths))
+    atomic_write_text(path, "".join(f"{p}\n" for p in paths))
     return path
 
 
@@ -133,17 +122,9 @@ def write_summary(summary: dict[str, Any], out_dir: str | Path, plots: Sequence[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "summary.json", out_dir / "summary.md"
-    write_json_atomic(json_path, json.loads(json.dumps(summary, default=_jsonable)))
-    write_text_atomic(md_path, _markdown(summary, plots))
+    atomic_write_json(json_path, summary)
+    atomic_write_text(md_path, _markdown(summary, plots))
     return json_path, md_path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def _pyplot():

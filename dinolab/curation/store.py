@@ -28,6 +28,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from dinolab.data.images import format_path_line, parse_path_line
+from dinolab.runtime import atomic_write, atomic_write_json, atomic_write_text
+
 STORE_FILE = "store.json"
 PATHS_FILE = "paths.txt"
 SHARD_DIR = "shards"
@@ -50,26 +53,9 @@ class ArrayLike(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
-def _atomic_replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     """``np.save`` to a temporary file, then rename: readers never see half an array."""
-    _atomic_replace(Path(path), lambda handle: np.save(handle, array, allow_pickle=False))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _atomic_replace(Path(path), lambda handle: handle.write(text.encode("utf-8")))
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
 # -------------------------------------------------------------------------------------------- array access
@@ -213,7 +199,16 @@ class StoreMeta:
 
 
 def paths_digest(paths: Sequence[str]) -> str:
-    return hashlib.sha1("\n".join(paths).encode("utf-8")).hexdigest()
+    # surrogateescape: file names that are not UTF-8 hash as their bytes (UTF-8 names hash as before)
+    return hashlib.sha1("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _path_lines(paths: Sequence[str]) -> str:
+    return "".join(format_path_line(p) + "\n" for p in paths)
+
+
+def _read_path_lines(path: Path) -> list[str]:
+    return [parse_path_line(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 class IncompleteStoreError(RuntimeError):
@@ -244,9 +239,9 @@ class EmbeddingStore:
                 )
             return existing
         (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(root / PATHS_FILE, "".join(p + "\n" for p in paths))
+        atomic_write_text(root / PATHS_FILE, _path_lines(paths))
         # written last: a folder with store.json has its paths list
-        write_json_atomic(root / STORE_FILE, meta.to_json())
+        atomic_write_json(root / STORE_FILE, meta.to_json())
         return cls(root, meta)
 
     @classmethod
@@ -296,7 +291,7 @@ class EmbeddingStore:
                 f"{len(row_paths)} paths and {len(failures)} failures"
             )
         save_npy_atomic(self.shard_file(shard, ".npy"), vectors.astype(STORAGE_DTYPES[self.meta.storage_dtype]))
-        write_text_atomic(self.shard_file(shard, ".txt"), "".join(p + "\n" for p in row_paths))
+        atomic_write_text(self.shard_file(shard, ".txt"), _path_lines(row_paths))
         record = {
             "shard": shard,
             "start": start,
@@ -305,11 +300,11 @@ class EmbeddingStore:
             "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
             "failures": [{"index": int(i), "path": p, "error": e} for i, p, e in failures],
         }
-        write_json_atomic(self.shard_file(shard, ".json"), record)  # last: marks the shard done
+        atomic_write_json(self.shard_file(shard, ".json"), record)  # last: marks the shard done
 
     # ---------------------------------------------------------------------------------------------- reading
     def input_paths(self) -> list[str]:
-        return (self.root / PATHS_FILE).read_text().splitlines()
+        return _read_path_lines(self.root / PATHS_FILE)
 
     def vectors(self, mmap: bool = True) -> ShardedArray:
         """All rows ``[N, D]`` of the (complete) store, memory-mapped unless ``mmap=False``."""
@@ -326,9 +321,7 @@ class EmbeddingStore:
 
     def paths(self) -> list[str]:
         """The path of each row."""
-        return [
-            line for s in range(self.meta.num_shards) for line in self.shard_file(s, ".txt").read_text().splitlines()
-        ]
+        return [path for s in range(self.meta.num_shards) for path in _read_path_lines(self.shard_file(s, ".txt"))]
 
     def row_sources(self) -> list[str]:
         """The input source (folder / path list) each row came from."""

@@ -9,14 +9,14 @@ from dinolab.data.datasets import (
     sample_seed,
     seed_worker,
 )
-from dinolab.data.masking import Block, MaskingGenerator
+from dinolab.data.masking import MaskBlock, MaskingGenerator
 from dinolab.data.samplers import InfiniteSampler, StreamIndex
 
 __all__ = [
     "AugmentationConfig",
     "Batch",
-    "Block",
     "InfiniteSampler",
+    "MaskBlock",
     "MaskingGenerator",
     "MultiCropAugmentation",
     "MultiCropCollate",

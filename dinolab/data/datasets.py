@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinolab.data.images import IMAGE_EXTENSIONS, list_images, load_rgb
+from dinolab.data.images import IMAGE_EXTENSIONS
+from dinolab.data.shards import open_images
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ AUGMENTATION_STREAM = 0  # `stream` of sample_seed for the crops of a sample (ma
 
 
 class UnlabeledImageDataset(Dataset):
-    """Images from folders / ImageFolder trees / ``.txt`` path lists, each turned into views by ``transform``.
+    """Images from folders / ImageFolder trees / ``.txt`` path lists / tar shards / ``hf-disk:`` datasets (see
+    :mod:`dinolab.data.shards`), each turned into views by ``transform``.
 
     Args:
         sources: one source or several (folders are searched recursively for ``IMAGE_EXTENSIONS``).
@@ -72,24 +74,23 @@ class UnlabeledImageDataset(Dataset):
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        paths = list_images(sources)
-        if not paths:
+        # FileImages keeps paths as one numpy byte array: forked DataLoader workers would otherwise copy the pages
+        # of millions of refcounted Path objects as they touch them
+        self.images = open_images(sources)
+        if not len(self.images):
             raise ValueError(
                 f"no images found in {sources!r}: give folders holding image files "
-                f"({', '.join(IMAGE_EXTENSIONS)}) or .txt files listing image paths"
+                f"({', '.join(IMAGE_EXTENSIONS)}), .txt files listing image paths, tar shards or hf-disk: datasets"
             )
-        # one numpy array of bytes rather than a list of Path objects: forked DataLoader workers would otherwise
-        # copy the pages of millions of refcounted Python objects as they touch them
-        self._paths = np.array([os.fsencode(p) for p in paths])
         self.transform = transform
         self.max_retries = max_retries
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self.images)
 
     def path(self, index: int) -> Path:
-        """Path of image ``index``."""
-        return Path(os.fsdecode(self._paths[index]))
+        """Path of image ``index`` (``SHARD#OFFSET`` / ``hf-disk:…#ROW`` for sharded sources)."""
+        return Path(self.images.name(index))
 
     @property
     def paths(self) -> list[Path]:
@@ -100,13 +101,13 @@ class UnlabeledImageDataset(Dataset):
         skipped: list[tuple[str, str]] = []
         for attempt in range(min(self.max_retries, len(self) - 1) + 1):
             current = (int(index) + attempt) % len(self)
-            path = self.path(current)
+            path = self.images.name(current)
             try:
-                image = load_rgb(path)
+                image = self.images.load(current)
             except Exception as error:  # PIL raises many exception types for bad files; skip them all
                 message = f"{type(error).__name__}: {error}"
                 logger.warning("skipping unreadable image %s (%s)", path, message)
-                skipped.append((str(path), message))
+                skipped.append((path, message))
                 continue
             views = self._transform(image, position, seed)
             return TrainSample(views=views, index=current, skipped=skipped, position=position, seed=seed)
@@ -139,7 +140,7 @@ def seed_worker(worker_id: int) -> None:
 def make_pretraining_loader(
     dataset: Dataset,
     batch_size: int,
-    sampler: Sampler,
+    sampler: Sampler | None,
     collate: Callable[[list], Any],
     num_workers: int,
     seed: int,
@@ -149,7 +150,9 @@ def make_pretraining_loader(
     persistent_workers: bool | None = None,
     multiprocessing_context: str | None = None,
 ) -> DataLoader:
-    """A DataLoader of ``batch_size``-image batches (incomplete batches dropped) over an infinite ``sampler``.
+    """A DataLoader of ``batch_size``-image batches (incomplete batches dropped) over an infinite ``sampler``
+    (``None`` for an iterable dataset such as :class:`~dinolab.data.shards.ShardStream`, whose workers each batch
+    their own share of the stream).
 
     Reproducibility: the images and their order come from the sampler alone. With
     :class:`~dinolab.data.samplers.InfiniteSampler` every index carries its stream position, from which the dataset

@@ -24,7 +24,7 @@ _MAX_TRIES_PER_BLOCK = 10  # the official value: draws before giving up on addin
 
 
 @dataclass(frozen=True)
-class Block:
+class MaskBlock:
     """A rectangle of patches: rows ``top:top+height``, columns ``left:left+width``."""
 
     top: int
@@ -89,7 +89,7 @@ class MaskingGenerator:
             f"{self.max_num_patches:g}], aspect [{lo:.3g}, {hi:.3g}])"
         )
 
-    def sample_block(self, budget: float, rng: np.random.Generator) -> Block | None:
+    def sample_block(self, budget: float, rng: np.random.Generator) -> MaskBlock | None:
         """One candidate block for a remaining budget of ``budget`` patches; None when it does not fit the grid."""
         # uniform(a, b) also for a > b (budget below min_num_patches), as Python's random.uniform does
         target_area = self.min_num_patches + (budget - self.min_num_patches) * rng.random()
@@ -102,7 +102,7 @@ class MaskingGenerator:
             return None
         top = int(rng.integers(0, self.rows - height + 1))
         left = int(rng.integers(0, self.cols - width + 1))
-        return Block(top, left, height, width)
+        return MaskBlock(top, left, height, width)
 
     def _add_block(self, mask: np.ndarray, budget: float, rng: np.random.Generator) -> int:
         """Add one block to ``mask`` in place; returns the number of newly masked patches (0 = gave up)."""

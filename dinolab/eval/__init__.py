@@ -12,6 +12,7 @@ from dinolab.eval.datasets import (
     load_torchvision,
     stratified_split,
 )
+from dinolab.eval.dense import DenseResult, slide_inference, train_head
 from dinolab.eval.depth import evaluate_depth, train_depth
 from dinolab.eval.features import ExtractionConfig, Features, extract_labelled, model_fingerprint
 from dinolab.eval.heads import (
@@ -35,7 +36,7 @@ from dinolab.eval.results import (
     write_report,
 )
 from dinolab.eval.retrieval import compute_map, evaluate_retrieval
-from dinolab.eval.segmentation import evaluate_segmentation, slide_inference, train_segmentation
+from dinolab.eval.segmentation import evaluate_segmentation, train_segmentation
 from dinolab.eval.video import evaluate_video
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "TASKS",
     "Accuracy",
     "ClassificationReport",
+    "DenseResult",
     "Depther",
     "ExtractionConfig",
     "Features",
@@ -81,6 +83,7 @@ __all__ = [
     "slide_inference",
     "stratified_split",
     "train_depth",
+    "train_head",
     "train_segmentation",
     "write_report",
 ]

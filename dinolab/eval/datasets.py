@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dinolab.data.images import IMAGE_EXTENSIONS, ImageFileDataset, LoadedImage, list_images
+from dinolab.data.images import IMAGE_EXTENSIONS, ImageFileDataset, LoadedImage, list_images, parse_path_line
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -440,9 +440,8 @@ def _read_embedding_labels(folder: Path, features_file: Path) -> np.ndarray | li
     if (folder / "labels.txt").is_file():
         return [line.strip() for line in (folder / "labels.txt").read_text().splitlines() if line.strip()]
     if (folder / "paths.txt").is_file():  # dinolab embed's index: labels from the ImageFolder layout
-        return [
-            Path(line.strip()).parent.name for line in (folder / "paths.txt").read_text().splitlines() if line.strip()
-        ]
+        lines = (folder / "paths.txt").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        return [Path(parse_path_line(line.strip())).parent.name for line in lines if line.strip()]
     raise ValueError(
         f"no labels for {features_file}: put labels.npy (integers) or labels.txt (one label per line) in {folder}"
     )

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from dinolab.data.transforms import make_normalize
+from dinolab.eval.dense import one_by_one_loader, slide_inference, train_head
 from dinolab.eval.readers.depth import DepthSet
-from dinolab.eval.segmentation import forever, one_by_one_loader, slide_inference
 
 DEPTH_METRICS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 
@@ -203,40 +203,22 @@ def train_depth(
 ) -> list[float]:
     """Train ``model.head`` on ``(image, depth)`` crops; returns the loss of every iteration that had valid
     pixels. ``model(images)`` must give ``[B, 1, H, W]`` depth at the input resolution."""
-    torch.manual_seed(config.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= config.batch_size,  # type: ignore[arg-type]
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
-    )
-    params = [p for p in model.head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.iters, pct_start=0.3, div_factor=25, final_div_factor=100
-    )
-    model.to(device).train()
-    losses: list[float] = []
-    batches = forever(loader)
-    bar = tqdm(range(config.iters), desc="depth head", disable=not progress)
-    for step in bar:
-        images, depths = next(batches)
-        depths = depths.to(device)
+
+    def loss(step: int, pred: Tensor, depths: Tensor) -> Tensor | None:  # pred [B, 1, H, W]
         valid = depths > 0
-        pred = model(images.to(device))  # [B, 1, H, W]
-        if valid.sum() > 1:  # the log loss needs at least two pixels for its variance
-            loss = sigloss(pred, depths, valid, config.sig_lambda, warm_up=step < config.sig_warmup_iters)
-            if config.gradient_weight:
-                loss = loss + config.gradient_weight * gradient_loss(pred, depths, valid)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        schedule.step()
-    return losses
+        if valid.sum() <= 1:  # the log loss needs at least two pixels for its variance
+            return None
+        value = sigloss(pred, depths, valid, config.sig_lambda, warm_up=step < config.sig_warmup_iters)
+        if config.gradient_weight:
+            value = value + config.gradient_weight * gradient_loss(pred, depths, valid)
+        return value
+
+    def one_cycle(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=config.iters, pct_start=0.3, div_factor=25, final_div_factor=100
+        )
+
+    return train_head(model, dataset, loss, one_cycle, config, device, progress, "depth head")
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -282,6 +264,10 @@ class DepthResults:
 
     def to_dict(self) -> dict[str, object]:
         return {**self.metrics, "num_images": self.num_images, "pictures": [str(p) for p in self.pictures]}
+
+    def summary_line(self) -> str:
+        m = self.metrics
+        return f"RMSE {m['rmse']:.4f}  AbsRel {m['abs_rel']:.4f}  d1 {m['delta1']:.4f}  ({self.num_images} images)"
 
 
 class DepthEvalDataset(Dataset):

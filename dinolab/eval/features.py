@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from torchvision import transforms
 
 from dinolab.data.transforms import make_eval_transform, make_normalize
 from dinolab.eval.datasets import LabelledData, LabelledEmbeddings, LabelledImages, Transform, digest
-from dinolab.features.extract import DTYPES, extract_features
+from dinolab.features.extract import extract_features
+from dinolab.runtime import atomic_write, check_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,7 @@ class ExtractionConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.crop <= 0 or self.resize < self.crop:
             raise ValueError(f"need 0 < crop <= resize, got resize={self.resize}, crop={self.crop}")
         if self.batch_size <= 0 or self.num_workers < 0 or self.n_last_blocks <= 0:
@@ -152,6 +152,22 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     """A cheap model identity for a checkpoint file: resolved path, size and modification time."""
     stat = Path(path).stat()
     return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def content_stamp(data: LabelledImages) -> str:
+    """Size, modification and change times and inode of every image file: part of the cache key, so that files
+    replaced or edited in place are extracted again. A torchvision dataset is a fixed download: its identity is
+    enough."""
+    if data.paths is None:
+        return ""
+    hasher = hashlib.blake2b(digest_size=16)
+    for path in data.paths:
+        try:
+            stat = os.stat(path)
+            hasher.update(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}\n".encode())
+        except OSError:
+            hasher.update(b"missing\n")
+    return hasher.hexdigest()
 
 
 def make_augmented_transform(crop: int = 224) -> transforms.Compose:
@@ -177,8 +193,9 @@ def extract_labelled(
 ) -> Features:
     """Features of a labelled set (images through ``model``, or precomputed embeddings as they are).
 
-    With ``config.cache_dir`` the result is stored on disk and reused when the model (``model_id``, default a
-    hash of the state dict), the dataset identity, the transform and the feature kind are the same. A custom
+    With ``config.cache_dir`` the result is stored on disk and reused (with a warning that says so) when the model
+    (``model_id``, default a hash of the state dict), the dataset identity, the files' sizes and times
+    (:func:`content_stamp`), the transform and the feature kind are the same. A custom
     ``transform`` (e.g. augmentation) is never cached. Unreadable images are skipped and listed in ``failures``.
     """
     if isinstance(data, LabelledEmbeddings):
@@ -190,13 +207,20 @@ def extract_labelled(
         key = digest(
             model_id or model_fingerprint(model),
             data.identity,
+            content_stamp(data),
             {"resize": config.resize, "crop": config.crop, "dtype": config.dtype, "n": config.n_last_blocks},
             FEATURE_KIND,
         )
         safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in data.name)
         cache_file = Path(config.cache_dir).expanduser() / f"{safe_name}-{key}.npz"
         if cache_file.is_file():
-            logger.info("reusing cached features %s", cache_file)
+            # said out loud: a result computed from a cache must never pass for a fresh one
+            logger.warning(
+                "%s: reusing features cached %s in %s (same files, model and settings); --no-cache recomputes",
+                data.name,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(cache_file.stat().st_mtime)),
+                cache_file.parent,
+            )
             return _load_cached(cache_file, data)
     dataset = data.make_dataset(transform or make_eval_transform(config.resize, config.crop))
     extracted = extract_features(
@@ -242,14 +266,7 @@ def _save_cached(path: Path, features: Features, indices: np.ndarray, config: Ex
     }
     if features.patch_mean is not None:
         arrays["patch_mean"] = features.patch_mean
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _load_cached(path: Path, data: LabelledImages) -> Features:

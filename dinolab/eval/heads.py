@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinolab.features.extract import autocast_context
 from dinolab.hub.convert import CheckpointMismatchError, load_strict
+from dinolab.runtime import autocast_context
 
 Blocks = int | Sequence[int]
 """Which blocks feed a head: ``n`` = the last n blocks, or a list of block indices."""

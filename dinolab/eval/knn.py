@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dinolab.eval.features import Features
 from dinolab.eval.results import KnnResult, KnnScore
-from dinolab.features.extract import default_device
+from dinolab.runtime import resolve_device
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -127,7 +127,7 @@ def run_knn(train: Features, evaluated: Features, config: KnnConfig = KnnConfig(
     Few-shot settings (``config.few_shot``) use, as the official code does, the ks not above the shot count
     plus k = the shot count, over ``config.tries`` random draws.
     """
-    device = torch.device(config.device) if config.device else default_device()
+    device = resolve_device(config.device)
     num_classes = max(train.num_classes, evaluated.num_classes)
     train_x = torch.from_numpy(train.last_cls).to(device)
     train_y = torch.from_numpy(train.labels).to(device)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dinolab.eval.datasets import stratified_split
 from dinolab.eval.features import Features
 from dinolab.eval.results import HeadScore, LinearResult, accuracy
-from dinolab.features.extract import default_device
+from dinolab.runtime import resolve_device
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 """The official grid (``dinov2/eval/linear.py``), before the ``batch_size / 256`` scaling."""
@@ -83,7 +83,7 @@ class LinearConfig:
             raise ValueError("epochs, iterations and batch_size must be >= 1")
 
 
-def scale_lr(base_lr: float, batch_size: int) -> float:
+def linear_scaled_lr(base_lr: float, batch_size: int) -> float:
     """The official linear scaling rule: ``lr * batch_size / 256`` (one process here)."""
     return base_lr * batch_size / 256.0
 
@@ -226,7 +226,7 @@ def run_linear(
     ``train_epoch_features(epoch)``, when given, supplies fresh (augmented) training features for each epoch
     instead of reusing ``train``: the official training-time augmentation, at the cost of one extraction per epoch.
     """
-    device = torch.device(config.device) if config.device else default_device()
+    device = resolve_device(config.device)
     selection_name = val.name if val is not None else f"{train.name} hold-out ({config.val_fraction:.0%})"
     if val is None:
         if train_epoch_features is not None:
@@ -237,7 +237,7 @@ def run_linear(
     batch_size = min(config.batch_size, len(train))
     iterations_per_epoch = max(1, len(train) // batch_size)
     total = config.iterations or config.epochs * iterations_per_epoch
-    lrs = [scale_lr(lr, batch_size) for lr in config.learning_rates]
+    lrs = [linear_scaled_lr(lr, batch_size) for lr in config.learning_rates]
 
     generator = torch.Generator().manual_seed(config.seed)
     num_classes = max(train.num_classes, val.num_classes, *(t.num_classes for t in tests))

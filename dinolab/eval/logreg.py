@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dinolab.eval.datasets import stratified_split
 from dinolab.eval.features import Features
 from dinolab.eval.results import CScore, LogRegResult, accuracy
-from dinolab.features.extract import default_device
+from dinolab.runtime import resolve_device
 
 C_POWER_RANGE = (-6.0, 5.0)
 
@@ -107,7 +107,7 @@ def fit_torch(
     Like scikit-learn, only the classes present in ``y`` get a row (an absent class's free intercept would run
     to -inf and keep L-BFGS busy); the others score 0.
     """
-    device = device or default_device()
+    device = resolve_device(device)
     present, encoded = np.unique(y, return_inverse=True)
     features = torch.as_tensor(x, dtype=torch.float64, device=device)  # [N, D]
     labels = torch.as_tensor(encoded, dtype=torch.long, device=device)

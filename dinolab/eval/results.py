@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from dinolab.runtime import atomic_write_json, atomic_write_text, to_jsonable
 
 
 @dataclass
@@ -193,26 +193,11 @@ def report_markdown(report: ClassificationReport) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- files
-def to_jsonable(value: Any) -> Any:
-    """Dataclasses, paths and tuples as plain JSON values; NaN/inf become None."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
 def write_report(report: ClassificationReport, output_dir: str | os.PathLike, stem: str = "results") -> str:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``output_dir``; returns the Markdown text."""
     output_dir = Path(output_dir).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown = report_markdown(report)
-    (output_dir / f"{stem}.json").write_text(json.dumps(to_jsonable(report), indent=2) + "\n")
-    (output_dir / f"{stem}.md").write_text(markdown)
+    atomic_write_json(output_dir / f"{stem}.json", to_jsonable(report))
+    atomic_write_text(output_dir / f"{stem}.md", markdown)
     return markdown

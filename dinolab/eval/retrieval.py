@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dinolab.data.images import load_rgb
 from dinolab.data.transforms import make_normalize
+from dinolab.eval.dense import single_item
 from dinolab.eval.readers.retrieval import Box, QueryTruth, RetrievalSet
 
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)
@@ -150,10 +151,6 @@ class _DescriptorImages(Dataset):
         return [self.normalize(TF.to_tensor(resize_for_patches(image, size, self.patch_size))) for size in sizes]
 
 
-def _single(items: list) -> object:
-    return items[0]
-
-
 @torch.no_grad()
 def describe(model: nn.Module, image: Tensor, config: RetrievalConfig) -> Tensor:
     """L2-normalised global descriptor ``[B, D]`` of normalised images ``[B, 3, H, W]``."""
@@ -177,7 +174,7 @@ def describe_images(
 ) -> np.ndarray:
     """Descriptors ``[N, D]`` (L2-normalised; multi-scale = normalised mean of the per-scale descriptors)."""
     dataset = _DescriptorImages(list(paths), boxes or [None] * len(paths), config, model.patch_size)
-    loader = DataLoader(dataset, batch_size=1, collate_fn=_single, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=1, collate_fn=single_item, num_workers=num_workers)
     model.to(device).eval()
     rows = []
     for scaled in tqdm(loader, total=len(dataset), desc=description, disable=not progress):
@@ -202,6 +199,11 @@ class RetrievalResults:
             else:
                 out[name] = {"mAP": scores.map, **{f"mP@{k}": v for k, v in scores.mp_at_k.items()}}
         return out
+
+    def summary_line(self) -> str:
+        return "  ".join(
+            f"{name} mAP {100 * s.map:.2f}" if s else f"{name}: no positives" for name, s in self.protocols.items()
+        )
 
 
 def evaluate_retrieval(

@@ -10,7 +10,7 @@ weight decay 1e-4), 1500 linear warm-up iterations then a poly schedule (power 1
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from dinolab.data.images import load_rgb
 from dinolab.data.transforms import make_normalize
+from dinolab.eval.dense import one_by_one_loader, slide_inference, train_head
 from dinolab.eval.readers.segmentation import IGNORE_INDEX, SegmentationSet
 
 MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
@@ -189,12 +190,6 @@ def poly_lr_factor(step: int, config: SegTrainConfig) -> float:
     return lr / config.lr
 
 
-def forever(loader: DataLoader) -> Iterator:
-    """Batches of ``loader`` epoch after epoch (iteration-based training)."""
-    while True:
-        yield from loader
-
-
 def train_segmentation(
     model: nn.Module,
     dataset: Dataset,
@@ -204,78 +199,19 @@ def train_segmentation(
 ) -> list[float]:
     """Train ``model.head`` (the backbone is frozen) with per-pixel cross-entropy (ignore index 255) on the
     ``(image, label)`` crops of ``dataset``; returns the loss of every iteration."""
-    torch.manual_seed(config.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= config.batch_size,  # type: ignore[arg-type]
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
-    )
-    optimizer = torch.optim.AdamW(
-        model.head.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr_factor(step, config))
-    model.to(device).train()
-    losses: list[float] = []
-    batches = forever(loader)
-    bar = tqdm(range(config.iters), desc="segmentation head", disable=not progress)
-    for _ in bar:
-        images, labels = next(batches)
-        labels = labels.to(device)
-        logits = model(images.to(device))  # [B, K, H, W]
-        if (labels != IGNORE_INDEX).any():  # an all-ignore batch has no loss (cross-entropy would be NaN)
-            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        schedule.step()
-    return losses
+
+    def loss(_step: int, logits: Tensor, labels: Tensor) -> Tensor | None:  # logits [B, K, H, W]
+        if not (labels != IGNORE_INDEX).any():  # an all-ignore batch has no loss (cross-entropy would be NaN)
+            return None
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+    def poly(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr_factor(step, config))
+
+    return train_head(model, dataset, loss, poly, config, device, progress, "segmentation head")
 
 
 # ----------------------------------------------------------------------------------------------- inference
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Start offsets of the sliding windows along one side (mmseg's ``slide_inference`` grid): every
-    ``stride`` pixels, the last window moved back so it ends at the border; one window if ``size <= window``."""
-    count = max(size - window + stride - 1, 0) // stride + 1
-    return [max(min(i * stride + window, size) - window, 0) for i in range(count)]
-
-
-def slide_inference(
-    model: Callable[[Tensor], Tensor],
-    images: Tensor,
-    window: int | tuple[int, int],
-    stride: int | tuple[int, int],
-    batch_size: int = 8,
-) -> Tensor:
-    """Run ``model`` (``[B, 3, h, w] -> [B, C, h, w]``) on overlapping windows of ``images`` ``[B, 3, H, W]`` and
-    average the outputs where windows overlap -> ``[B, C, H, W]``. Any H, W: windows are clipped to the image."""
-    (win_h, win_w), (step_h, step_w) = _pair(window), _pair(stride)
-    batch, _, height, width = images.shape
-    crop_h, crop_w = min(win_h, height), min(win_w, width)
-    boxes = [(y, x) for y in window_starts(height, win_h, step_h) for x in window_starts(width, win_w, step_w)]
-    total: Tensor | None = None
-    count = images.new_zeros(1, 1, height, width)
-    for first in range(0, len(boxes), batch_size):
-        chunk = boxes[first : first + batch_size]
-        crops = torch.cat([images[:, :, y : y + crop_h, x : x + crop_w] for y, x in chunk])  # [n·B, 3, h, w]
-        outputs = model(crops).float()  # [n·B, C, h, w]
-        if total is None:
-            total = outputs.new_zeros(batch, outputs.shape[1], height, width)
-        for j, (y, x) in enumerate(chunk):
-            total[:, :, y : y + crop_h, x : x + crop_w] += outputs[j * batch : (j + 1) * batch]
-            count[:, :, y : y + crop_h, x : x + crop_w] += 1
-    assert total is not None
-    return total / count
-
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 @torch.no_grad()
 def predict_segmentation(model: nn.Module, images: Tensor, inference: SegInference) -> Tensor:
     """Class scores ``[B, K, H, W]`` for normalised ``images`` ``[B, 3, H, W]``: sliding-window logits for one
@@ -340,6 +276,9 @@ class SegResults:
             "pictures": [str(p) for p in self.pictures],
         }
 
+    def summary_line(self) -> str:
+        return f"mIoU {100 * self.miou:.2f}  aAcc {100 * self.pixel_accuracy:.2f}"
+
 
 class SegEvalDataset(Dataset):
     """``(index, image [3, h, w] normalised after the test resize, label [H, W] as stored, original RGB)``."""
@@ -358,19 +297,6 @@ class SegEvalDataset(Dataset):
             raise ValueError(f"{self.data.masks[index]}: mask {label.shape} does not match image {image.size[::-1]}")
         tensor = self.normalize(TF.to_tensor(eval_resize(image, self.short_side)))
         return index, tensor, label, np.asarray(image)
-
-
-def _single(items: list) -> object:
-    return items[0]
-
-
-def one_by_one_loader(dataset: Dataset, max_images: int | None, num_workers: int) -> tuple[DataLoader, int]:
-    """A loader of single items (images of any size, not collated) over the first ``max_images`` of ``dataset``,
-    and how many items it yields."""
-    count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    if count < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(count))
-    return DataLoader(dataset, batch_size=1, collate_fn=_single, num_workers=num_workers), count
 
 
 def evaluate_segmentation(

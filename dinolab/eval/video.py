@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dinolab.data.transforms import make_eval_transform
+from dinolab.eval.dense import single_item
 from dinolab.eval.readers.video import VideoSet, read_frames
 
 
@@ -65,10 +66,6 @@ class _Clips(Dataset):
         return index, torch.stack([self.transform(f) for f in frames]), None
 
 
-def _single(items: list) -> object:
-    return items[0]
-
-
 @torch.no_grad()
 def video_features(
     model: nn.Module,
@@ -79,7 +76,7 @@ def video_features(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Clip features ``[V', D]`` or ``[V', T·D]``, the indices of the readable videos ``[V']`` and the failures."""
-    loader = DataLoader(_Clips(videos, config), batch_size=1, collate_fn=_single, num_workers=num_workers)
+    loader = DataLoader(_Clips(videos, config), batch_size=1, collate_fn=single_item, num_workers=num_workers)
     model.to(device).eval()
     rows, kept, failures = [], [], []
     for index, frames, error in tqdm(loader, total=len(videos), desc="video features", disable=not progress):
@@ -115,6 +112,9 @@ class VideoResults:
 
     def to_dict(self) -> dict[str, object]:
         return {"top1": self.top1, "num_train": self.num_train, "num_val": self.num_val, "failures": self.failures}
+
+    def summary_line(self) -> str:
+        return f"top-1 {100 * self.top1:.2f} ({self.num_val} videos)"
 
 
 def evaluate_video(

@@ -8,8 +8,9 @@ from dinolab.features.embed import (
     parse_image_size,
     token_features,
 )
-from dinolab.features.extract import Extracted, autocast_context, cls_features, default_device, extract_features
+from dinolab.features.extract import Extracted, cls_features, extract_features
 from dinolab.features.writers import read_parquet_features, summarize, write_embeddings
+from dinolab.runtime import autocast_context, default_device
 
 __all__ = [
     "OUTPUTS",

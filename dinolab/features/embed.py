@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from dinolab.data.images import ImageFileDataset
 from dinolab.data.transforms import make_eval_transform, make_resize_transform
-from dinolab.features.extract import DTYPES, extract_features
+from dinolab.features.extract import extract_features
+from dinolab.runtime import check_dtype
 
 # name -> what it holds; the order is the order of the output files
 OUTPUTS: dict[str, str] = {
@@ -188,19 +189,27 @@ def embed_images(
     ``sources``: image files, folders (searched recursively) and ``.txt`` path lists (see
     :func:`~dinolab.data.images.list_images`); with ``expand=False`` they are taken as image paths as they are.
     ``outputs``: any of :data:`OUTPUTS`. ``dtype``: compute precision under autocast (features come back as
-    float32). Unreadable or corrupt images do not stop the run: they are returned in ``failed`` with the error.
+    float32). Unreadable or corrupt images do not stop the run: they are returned in ``failed`` with the error, as
+    are the folders and links that could not be searched (with ``expand``).
     """
-    from dinolab.data.images import list_images
+    from dinolab.data.images import scan_images
+    from dinolab.data.shards import ImageSourceDataset, only_files, open_images
 
     resolution = resolution or Resolution()
     resolution.check_patch_size(model.patch_size)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    check_dtype(dtype)
     wanted = check_outputs(model, outputs)
     if isinstance(sources, str | os.PathLike):
         sources = [sources]
-    paths = list_images(sources) if expand else [Path(p) for p in sources]
-    dataset = ImageFileDataset(paths, resolution.transform())
+    sources = list(sources)
+    if expand and not only_files(sources):  # tar shards / hf-disk: datasets, read by index
+        images = open_images(sources)
+        scan, paths = None, [Path(name) for name in images.names()]
+        dataset = ImageSourceDataset(images, resolution.transform())
+    else:
+        scan = scan_images(sources) if expand else None
+        paths = scan.paths if scan is not None else [Path(p) for p in sources]
+        dataset = ImageFileDataset(paths, resolution.transform())
     start = time.perf_counter()
     extracted = extract_features(
         model,
@@ -226,7 +235,8 @@ def embed_images(
     return EmbeddingResult(
         paths=[paths[i] for i in extracted.indices.tolist()],
         features=features,
-        failed=[(paths[i], error) for i, error in sorted(extracted.failures)],
+        failed=[(paths[i], error) for i, error in sorted(extracted.failures)]
+        + [(path, f"not searched: {reason}") for path, reason in (scan.problems if scan is not None else [])],
         input_size=(height, width),
         patch_grid=grid,
         seconds=seconds,

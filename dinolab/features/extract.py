@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,25 +13,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from dinolab.data.images import ImageBatch, collate_loaded
+from dinolab.runtime import autocast_context, resolve_device
 
 # model, images [B, C, H, W] -> named features, each [B, ...]
 FeatureFn = Callable[[nn.Module, Tensor], dict[str, Tensor]]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cls_features(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     """The normalised CLS token, ``[B, D]``."""
     return {"cls": model(images)}
-
-
-def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """Autocast to bf16/fp16 on the given device, or nothing for fp32."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
 @dataclass
@@ -42,10 +31,6 @@ class Extracted:
     indices: np.ndarray  # [N] dataset indices that have features
     features: dict[str, np.ndarray]  # name -> [N, ...] float32
     failures: list[tuple[int, str]] = field(default_factory=list)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.inference_mode()
@@ -67,7 +52,7 @@ def extract_features(
     ``distributed`` (under torchrun), each process embeds every ``world_size``-th item and every process gets
     the whole result back, in dataset order.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     model = model.to(device).eval()
     world = dist.get_world_size() if distributed and dist.is_initialized() else 1
     if world > 1:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from dinolab.data.images import ImageBatch, ImageFileDataset, collate_loaded, load_rgb
 from dinolab.features.embed import Resolution, embed_images
-from dinolab.features.extract import autocast_context, default_device
+from dinolab.runtime import autocast_context, resolve_device
 
 
 def _as_numpy(tokens: np.ndarray | Tensor) -> np.ndarray:
@@ -187,7 +187,7 @@ def pca_pictures(
     """Write ``NNN_<name>_pca.png`` (input | PCA colours) per image, and ``NNN_<name>_attention.png`` with
     ``attention``. The PCA is fitted jointly over all the images; ``threshold=None`` skips the background removal.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     resolution = Resolution(mode="resize", height=image_size[0], width=image_size[1])
     result = embed_images(
         model,

@@ -1,7 +1,11 @@
 """Writing embeddings to disk: ``.npy`` arrays, Parquet or safetensors, plus ``paths.txt``, ``failed.txt`` and
 ``summary.json``.
 
-Row ``i`` of every feature array belongs to line ``i`` of ``paths.txt`` (and row ``i`` of the Parquet table).
+Row ``i`` of every feature array belongs to line ``i`` of ``paths.txt`` (and row ``i`` of the Parquet table). Paths
+round-trip exactly, whatever bytes they hold: see :func:`~dinolab.data.images.format_path_line`.
+
+The files are written as one set (:class:`~dinolab.runtime.OutputDir`): into a temporary folder, renamed over the
+output folder only when all are complete, so a folder never mixes files of two runs or holds half a set.
 """
 
 from __future__ import annotations
@@ -14,11 +18,25 @@ from types import ModuleType
 
 import numpy as np
 
-from dinolab.features.embed import EmbeddingResult
+from dinolab.data.images import format_path_line, parse_path_line
+from dinolab.features.embed import OUTPUTS, EmbeddingResult
+from dinolab.runtime import OutputDir
 
 FORMATS = ("npy", "parquet", "safetensors")
 PARQUET_FILE = "embeddings.parquet"
 SAFETENSORS_FILE = "embeddings.safetensors"
+LIST_FILES = ("paths.txt", "failed.txt", "summary.json")
+
+
+def is_embedding_file(name: str) -> bool:
+    """Whether ``name`` is a file ``dinolab embed`` writes (an output folder may hold only those)."""
+    return name in LIST_FILES or name in (PARQUET_FILE, SAFETENSORS_FILE) or name in {f"{o}.npy" for o in OUTPUTS}
+
+
+def embedding_output(out_dir: str | os.PathLike) -> OutputDir:
+    """The output folder, checked before any work: not a file, writable, holding nothing but an earlier
+    ``dinolab embed`` output (which the new set replaces whole)."""
+    return OutputDir(out_dir, owned=is_embedding_file)
 
 
 def require_pyarrow() -> ModuleType:
@@ -69,7 +87,7 @@ def write_parquet(
     pa = require_pyarrow()
     import pyarrow.parquet as pq
 
-    columns = {"path": pa.array([str(p) for p in paths], type=pa.string())}
+    columns = {"path": pa.array([format_path_line(p) for p in paths], type=pa.string())}
     columns.update({name: _fixed_size_list_column(array) for name, array in features.items()})
     table = pa.table(columns).replace_schema_metadata({"dinolab": json.dumps(metadata)})
     pq.write_table(table, target)
@@ -82,7 +100,7 @@ def read_parquet_features(path: str | os.PathLike) -> tuple[list[str], dict[str,
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    paths = table.column("path").to_pylist()
+    paths = [parse_path_line(p) for p in table.column("path").to_pylist()]
     features = {}
     for name in table.column_names:
         if name == "path":
@@ -110,19 +128,31 @@ def write_embeddings(
     out_dir: str | os.PathLike,
     formats: Sequence[str] = ("npy",),
     summary: Mapping[str, object] | None = None,
+    staging: OutputDir | None = None,
 ) -> dict[str, list[str]]:
-    """Write features (in each of ``formats``), ``paths.txt``, ``failed.txt`` and ``summary.json`` to ``out_dir``.
+    """Write features (in each of ``formats``), ``paths.txt``, ``failed.txt`` and ``summary.json`` to ``out_dir``,
+    as one set that replaces an earlier output whole (see the module docstring).
 
-    Returns the written file names by kind; they are also listed in ``summary.json`` under ``"files"``.
+    ``staging``: the :func:`embedding_output` of ``out_dir`` when it was checked before the work (the command line
+    does). Returns the written file names by kind; they are also listed in ``summary.json`` under ``"files"``.
     """
     formats = check_formats(formats)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = dict(summary or {})
+    rows = {name: len(array) for name, array in result.features.items()}
+    if any(count != len(result.paths) for count in rows.values()):
+        raise ValueError(f"{len(result.paths)} paths but feature rows {rows}: rows and paths must agree")
+    with staging or embedding_output(out_dir) as output:
+        return _write_set(result, output.path, formats, dict(summary or {}))
+
+
+def _write_set(
+    result: EmbeddingResult, out_dir: Path, formats: list[str], summary: dict[str, object]
+) -> dict[str, list[str]]:
     files: dict[str, list[str]] = {}
-    (out_dir / "paths.txt").write_text("".join(f"{p}\n" for p in result.paths))
+    (out_dir / "paths.txt").write_text("".join(f"{format_path_line(p)}\n" for p in result.paths), encoding="utf-8")
     # one line per failure: the error text is flattened so the file stays "path<TAB>error" per line
-    (out_dir / "failed.txt").write_text("".join(f"{p}\t{' '.join(err.split())}\n" for p, err in result.failed))
+    (out_dir / "failed.txt").write_text(
+        "".join(f"{format_path_line(p)}\t{' '.join(err.split())}\n" for p, err in result.failed), encoding="utf-8"
+    )
     files["lists"] = ["paths.txt", "failed.txt"]
     metadata = {"model": summary.get("model"), "rows": len(result.paths), "paths_file": "paths.txt"}
     if "npy" in formats:
@@ -132,7 +162,7 @@ def write_embeddings(
     if "safetensors" in formats:
         files["safetensors"] = [write_safetensors(result.features, out_dir / SAFETENSORS_FILE, metadata).name]
     summary["files"] = files
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     files["summary"] = ["summary.json"]
     return files
 

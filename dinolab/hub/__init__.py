@@ -27,10 +27,14 @@ from dinolab.hub.convert import (
     save_safetensors,
     to_dinov2_state_dict,
 )
+from dinolab.hub.export import FORMATS, ExportError, ExportResult, export_backbone
 
 __all__ = [
+    "FORMATS",
     "RELEASED",
     "CheckpointMismatchError",
+    "ExportError",
+    "ExportResult",
     "Weights",
     "WeightsUnavailableError",
     "detect_format",
@@ -43,6 +47,7 @@ __all__ = [
     "dinov2_vits14",
     "dinov2_vits14_reg",
     "download_weights",
+    "export_backbone",
     "infer_arch",
     "is_offline",
     "load_backbone",

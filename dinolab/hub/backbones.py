@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dinolab.hub.convert import load_strict, read_state_dict, to_dinov2_state_dict
-from dinolab.models.vit import DinoVisionTransformer, build_vit
+from dinolab.models.vit import DinoVisionTransformer, build_vit, position_interpolation
 
 BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 OFFLINE_ENV = "DINOLAB_OFFLINE"
@@ -136,9 +136,7 @@ def make_dinov2_model(
         init_values=1.0,
         ffn_layer=spec.ffn_layer,
         num_register_tokens=spec.num_register_tokens,
-        # register models were trained with the newer interpolation (target size, antialias)
-        interpolate_antialias=spec.num_register_tokens > 0,
-        interpolate_offset=0.0 if spec.num_register_tokens else 0.1,
+        **position_interpolation(spec.num_register_tokens),
     )
     model_kwargs.update(kwargs)
     # find (or fail to find) the weights before the slow model construction, so a missing file errors at once
@@ -201,8 +199,7 @@ def load_backbone(spec: str | os.PathLike, **kwargs) -> DinoVisionTransformer:
         num_register_tokens=arch.num_register_tokens,
         init_values=1.0,
         ffn_layer="swiglufused" if "blocks.0.mlp.w12.weight" in state_dict else "mlp",
-        interpolate_antialias=arch.num_register_tokens > 0,
-        interpolate_offset=0.0 if arch.num_register_tokens else 0.1,
+        **position_interpolation(arch.num_register_tokens),
     )
     model_kwargs.update(kwargs)  # the caller may override any of them (e.g. the interpolation rule)
     model = build_vit(arch.arch_name, **model_kwargs)

@@ -31,7 +31,13 @@ def read_state_dict(path: str | Path) -> StateDict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # SafetensorError, or OSError for a truncated file
+            raise CheckpointMismatchError(
+                f"{path} is not a readable .safetensors file ({error}); it may be truncated or corrupt: "
+                "download or export it again"
+            ) from error
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types; name the file and the cause
@@ -176,6 +182,75 @@ def from_hf(state_dict: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
+def to_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Released layout -> timm's ``vit_*_patch14[_reg4]_dinov2`` (the inverse of :func:`from_timm`).
+
+    The mask token is dropped (timm has none). Register models become timm's ``no_embed_class`` layout: the CLS
+    position is added into ``cls_token`` and the position embedding keeps the patch positions only. ViT-g's fused
+    SwiGLU ``mlp.w12`` / ``mlp.w3`` become timm's packed ``mlp.fc1`` / ``mlp.fc2`` (gate first in both).
+    """
+    sd = {k: v for k, v in state_dict.items() if k != "mask_token"}
+    if "register_tokens" in sd:
+        sd["reg_token"] = sd.pop("register_tokens")
+        pos = sd["pos_embed"]
+        sd["cls_token"] = sd["cls_token"] + pos[:, :1]
+        sd["pos_embed"] = pos[:, 1:]
+    renamed = (re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", k) for k in sd)
+    return {re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", new): value for new, value in zip(renamed, sd.values())}
+
+
+# released block parameter -> file name on the Hugging Face Hub (the layout every transformers version reads)
+_TO_HF_BLOCK = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attn.proj": "attention.output.dense",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.w3": "mlp.weights_out",
+}
+
+
+def to_hf(state_dict: Mapping[str, Tensor], depth: int | None = None) -> StateDict:
+    """Released layout -> Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` in the Hub's file layout
+    (the inverse of :func:`from_hf`): ``attn.qkv`` split into query / key / value, SwiGLU ``w12`` kept whole as
+    ``weights_in``. Blocks without LayerScale get ``lambda1 = 1`` (transformers always has the scale)."""
+    out: StateDict = {}
+    dim = state_dict["cls_token"].shape[-1]
+    for key, value in state_dict.items():
+        if key == "cls_token":
+            out["embeddings.cls_token"] = value
+        elif key == "mask_token":
+            out["embeddings.mask_token"] = value.reshape(1, dim)
+        elif key == "pos_embed":
+            out["embeddings.position_embeddings"] = value
+        elif key == "register_tokens":
+            out["embeddings.register_tokens"] = value
+        elif key.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("norm."):
+            out["layernorm." + key.rsplit(".", 1)[1]] = value
+        elif match := re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", key):
+            prefix, name, kind = f"encoder.layer.{match.group(1)}", match.group(2), match.group(3)
+            if name == "attn.qkv":
+                for part, tensor in zip(("query", "key", "value"), value.chunk(3)):
+                    out[f"{prefix}.attention.attention.{part}.{kind}"] = tensor
+            elif name == "mlp.w12":
+                out[f"{prefix}.mlp.weights_in.{kind}"] = value
+            elif name in ("ls1", "ls2"):
+                out[f"{prefix}.layer_scale{name[-1]}.lambda1"] = value
+            elif name in _TO_HF_BLOCK:
+                out[f"{prefix}.{_TO_HF_BLOCK[name]}.{kind}"] = value
+            else:
+                raise CheckpointMismatchError(f"no Hugging Face DINOv2 equivalent of {key!r}")
+        else:
+            raise CheckpointMismatchError(f"no Hugging Face DINOv2 equivalent of {key!r}")
+    blocks = depth if depth is not None else 1 + max(int(k.split(".")[2]) for k in out if k.startswith("encoder."))
+    for index in range(blocks):
+        for scale in ("layer_scale1", "layer_scale2"):
+            out.setdefault(f"encoder.layer.{index}.{scale}.lambda1", state_dict["cls_token"].new_ones(dim))
+    return out
+
+
 def to_dinov2_state_dict(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Any supported format -> the released key layout."""
     fmt = detect_format(state_dict)
@@ -262,12 +337,36 @@ def _mismatch_hint(own: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> s
 # ----------------------------------------------------------------------------------------------- export
 def save_safetensors(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | Path) -> Path:
     """Write backbone weights as ``.safetensors`` (contiguous CPU tensors, atomic rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from dinolab.runtime import atomic_write
 
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "dinov2"})
-    tmp.replace(path)
-    return path
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    return atomic_write(path, lambda handle: handle.write(save(tensors, metadata={"format": "dinov2"})))
+
+
+# ---------------------------------------------------------------------------------- official DINO / iBOT heads
+_OFFICIAL_TO_PARAMETRIZED = {
+    "last_layer.weight_g": "last_layer.parametrizations.weight.original0",
+    "last_layer.weight_v": "last_layer.parametrizations.weight.original1",
+}
+
+
+def head_state_dict_from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the keys of an official DINOv2 head state dict to this module's keys.
+
+    ``[prefix]last_layer.weight_g`` / ``weight_v`` (the deprecated ``torch.nn.utils.weight_norm``) become
+    ``[prefix]last_layer.parametrizations.weight.original0`` / ``original1``; other keys pass through unchanged,
+    so a whole checkpoint (e.g. with ``dino_head.`` prefixes) can be converted at once.
+    """
+    return {_rename_official_key(key): value for key, value in state_dict.items()}
+
+
+def _rename_official_key(key: str) -> str:
+    for old, new in _OFFICIAL_TO_PARAMETRIZED.items():
+        if key == old or key.endswith("." + old):
+            return key[: len(key) - len(old)] + new
+    return key

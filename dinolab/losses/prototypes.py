@@ -50,7 +50,10 @@ def prototype_cross_entropy(
         chunk_elements = default_chunk_elements(features.device)
     _check(features, prototypes, segments, temp, chunk_elements)
     rows_per_chunk = max(1, chunk_elements // prototypes.shape[0])
-    recompute = torch.is_grad_enabled() and (features.requires_grad or prototypes.requires_grad)
+    # recomputing saves memory only when there is more than one chunk: a single chunk's logits are held at the
+    # peak either way, and small heads (a few thousand prototypes) skip the extra matmul
+    several_chunks = features.shape[0] > rows_per_chunk
+    recompute = several_chunks and torch.is_grad_enabled() and (features.requires_grad or prototypes.requires_grad)
     losses, start = [], 0
     for target_chunk in _target_chunks(segments, rows_per_chunk):
         feature_chunk = features[start : start + target_chunk.shape[0]]

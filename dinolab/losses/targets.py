@@ -10,14 +10,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from dinolab.runtime import world_size
 
 
 def _all_reduce(tensor: Tensor, maximum: bool = False) -> Tensor:
     """All-reduce (sum, or max) in place across processes when there are several; a no-op on one process."""
-    if _world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM)
     return tensor
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +11,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from dinolab.losses.prototypes import prototype_cross_entropy
 
+
 # Key suffixes of the weight-normalised last layer: the deprecated ``torch.nn.utils.weight_norm`` (used by the
 # official checkpoints) vs ``torch.nn.utils.parametrizations.weight_norm`` (used here).
-_OFFICIAL_TO_PARAMETRIZED = {
-    "last_layer.weight_g": "last_layer.parametrizations.weight.original0",
-    "last_layer.weight_v": "last_layer.parametrizations.weight.original1",
-}
-
-
 class DINOHead(nn.Module):
     """MLP projection to ``out_dim`` prototype scores (logits): the DINO and iBOT heads of DINOv2.
 
@@ -92,20 +87,3 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-def head_state_dict_from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename the keys of an official DINOv2 head state dict to this module's keys.
-
-    ``[prefix]last_layer.weight_g`` / ``weight_v`` (the deprecated ``torch.nn.utils.weight_norm``) become
-    ``[prefix]last_layer.parametrizations.weight.original0`` / ``original1``; other keys pass through unchanged,
-    so a whole checkpoint (e.g. with ``dino_head.`` prefixes) can be converted at once.
-    """
-    return {_rename_official_key(key): value for key, value in state_dict.items()}
-
-
-def _rename_official_key(key: str) -> str:
-    for old, new in _OFFICIAL_TO_PARAMETRIZED.items():
-        if key == old or key.endswith("." + old):
-            return key[: len(key) - len(old)] + new
-    return key

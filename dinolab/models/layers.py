@@ -88,9 +88,11 @@ class Attention(nn.Module):
             outputs.append(out.transpose(1, 2).reshape(batch * length, -1))
         return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
 
-    def attention_map(self, x: Tensor) -> Tensor:
-        """Softmax attention weights ``[B, heads, T, T]`` (for visualisation; not used in training)."""
+    def attention_map(self, x: Tensor, num_queries: int | None = None) -> Tensor:
+        """Softmax attention weights ``[B, heads, Q, T]`` of the first ``Q = num_queries`` tokens (all ``T`` by
+        default) over all tokens (for visualisation; not used in training)."""
         q, k, _ = self._split_heads(self.qkv(x), x.shape[0], x.shape[1])
+        q = q if num_queries is None else q[:, :, :num_queries]
         return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
 

@@ -38,6 +38,15 @@ ARCHS: dict[str, ViTArch] = {
 }
 
 
+def position_interpolation(num_register_tokens: int) -> dict[str, float | bool]:
+    """How the released family interpolates its position embedding to another grid, as constructor keywords:
+    the register models were trained with the newer rule (target size, antialias), the others with the legacy
+    one (scale factor ``(n + 0.1) / M``, no antialias)."""
+    if num_register_tokens:
+        return {"interpolate_offset": 0.0, "interpolate_antialias": True}
+    return {"interpolate_offset": 0.1, "interpolate_antialias": False}
+
+
 class DinoVisionTransformer(nn.Module):
     """Vision Transformer backbone of DINOv2.
 
@@ -116,15 +125,25 @@ class DinoVisionTransformer(nn.Module):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- init
-    def init_weights(self) -> None:
-        """The official initialisation: truncated normal (std 0.02) for linears and the position embedding."""
+    def init_weights(self, linear_init: str = "trunc_normal") -> None:
+        """The official initialisation: truncated normal (std 0.02) for linears and the position embedding.
+
+        ``linear_init="xavier_uniform"`` initialises the blocks' linear layers xavier-uniform instead (the tokens
+        and position embedding as before): at std 0.02 a narrow ViT starts with tiny residual branches, which
+        small models trained briefly do not recover from as well.
+        """
+        if linear_init not in ("trunc_normal", "xavier_uniform"):
+            raise ValueError(f"linear_init must be trunc_normal or xavier_uniform, got {linear_init!r}")
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                if linear_init == "xavier_uniform":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
@@ -273,11 +292,20 @@ class DinoVisionTransformer(nn.Module):
     @torch.no_grad()
     def get_last_self_attention(self, x: Tensor) -> Tensor:
         """Attention weights ``[B, heads, T, T]`` of the last block (for attention-map pictures)."""
+        return self.get_self_attention(x, block=-1)
+
+    @torch.no_grad()
+    def get_self_attention(self, x: Tensor, block: int = -1, num_queries: int | None = None) -> Tensor:
+        """Attention weights ``[B, heads, Q, T]`` of block ``block`` (negative: from the end) for the first
+        ``Q = num_queries`` tokens as queries (all by default; ``1 + num_register_tokens`` is CLS and registers)."""
+        index = block + len(self.blocks) if block < 0 else block
+        if not 0 <= index < len(self.blocks):
+            raise ValueError(f"block {block} out of range for a {len(self.blocks)}-block model")
         tokens = self.prepare_tokens_with_masks(x)
-        for block in self.blocks[:-1]:
-            tokens = block(tokens)
-        last = self.blocks[-1]
-        return last.attn.attention_map(last.norm1(tokens))
+        for earlier in self.blocks[:index]:
+            tokens = earlier(tokens)
+        chosen = self.blocks[index]
+        return chosen.attn.attention_map(chosen.norm1(tokens), num_queries)
 
 
 def _build(arch_name: str, patch_size: int, **kwargs) -> DinoVisionTransformer:

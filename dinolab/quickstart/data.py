@@ -18,7 +18,7 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemis
 
 @dataclass(frozen=True)
 class DigitsSplit:
-    """Where the digits were written: ``train/<class>/*.png`` and ``val/<class>/*.png``."""
+    """Where a built-in labelled set was written: ``train/<class>/*.png`` and ``val/<class>/*.png``."""
 
     root: Path
     train: Path
@@ -48,6 +48,44 @@ def write_digits(root: str | Path, size: int = 32, val_fraction: float = 0.3, se
                 picture.save(target)
         marker.write_text("ok\n")
     return DigitsSplit(root, train_dir, val_dir, len(train_idx), len(val_idx))
+
+
+TEXTURE_SOURCES = ("brick", "grass", "gravel", "coins", "moon", "camera", "hubble_deep_field", "retina", "cell")
+
+
+def write_textures(
+    root: str | Path, size: int = 32, train_per_class: int = 140, val_per_class: int = 60, seed: int = 0
+) -> DigitsSplit:
+    """A second real-image classification set, also shipped inside scikit-image: grey patches of nine photographs
+    (brick, grass, gravel, coins, moon, the cameraman, the Hubble deep field, a retina, cells), the class being the
+    photograph. Patches of random size (``size`` to ``2 x size`` pixels, resized to ``size``) come from the left
+    60 % of each photograph for train and from the right 40 % for val, so no val pixel is ever seen in training.
+    Written as ``train/<class>/*.png`` and ``val/<class>/*.png`` (idempotent)."""
+    from skimage import data
+
+    root = Path(root)
+    train_dir, val_dir = root / "train", root / "val"
+    marker = root / ".complete"
+    if not marker.is_file():
+        rng = np.random.default_rng(seed)
+        for name in TEXTURE_SOURCES:
+            photo = Image.fromarray(getattr(data, name)()).convert("L")
+            width, height = photo.size
+            split = int(width * 0.6)
+            for folder, (left, right), count in (
+                (train_dir, (0, split), train_per_class),
+                (val_dir, (split, width), val_per_class),
+            ):
+                (folder / name).mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    side = int(rng.integers(size, 2 * size + 1))
+                    x = int(rng.integers(left, right - side + 1))
+                    y = int(rng.integers(0, height - side + 1))
+                    patch = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BICUBIC)
+                    patch.convert("RGB").save(folder / name / f"{name}_{i:04d}.png")
+        marker.write_text("ok\n")
+    count = len(TEXTURE_SOURCES)
+    return DigitsSplit(root, train_dir, val_dir, count * train_per_class, count * val_per_class)
 
 
 def write_photos(root: str | Path) -> list[Path]:

@@ -37,16 +37,29 @@ def results_markdown(rows: Sequence[ScoreRow], knn_k: int) -> str:
 
 
 def plot_training_curves(run_dir: Path, path: Path) -> Path:
-    """Loss terms, learning rate and teacher momentum over the iterations of a run."""
+    """Loss terms, target health (``dinolab.train.health``), learning rate and teacher momentum over a run."""
     metrics = read_metrics(run_dir)
     steps = [m["step"] for m in metrics]
-    figure = Figure(figsize=(10, 3.2))
-    losses, schedule = figure.subplots(1, 2)
+    figure = Figure(figsize=(15, 3.2))
+    losses, health, schedule = figure.subplots(1, 3)
     for key in ("loss/total", "loss/dino", "loss/ibot", "loss/koleo"):
         losses.plot(steps, [m[key] for m in metrics], label=key.split("/")[1])
     losses.set_xlabel("iteration")
     losses.set_title("training losses")
     losses.legend()
+    for key, label in (
+        ("health/dino_row_entropy", "DINO target entropy / log K"),
+        ("health/ibot_row_entropy", "iBOT target entropy / log K"),
+        ("health/dino_agreement", "student-teacher agreement"),
+        ("health/teacher_cls_std", "teacher CLS spread"),
+    ):
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            health.plot(*zip(*points), label=label)
+    health.axhline(0.9, color="grey", linestyle=":", linewidth=1)  # above: near-uniform targets (a warning)
+    health.set_xlabel("iteration")
+    health.set_title("target health (1 = uniform targets)")
+    health.legend(fontsize=7)
     schedule.plot(steps, [m["lr"] for m in metrics], label="learning rate")
     schedule.set_xlabel("iteration")
     schedule.set_title("schedules")

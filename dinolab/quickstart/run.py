@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,10 +68,17 @@ def _scores(name: str, report) -> ScoreRow:
 
 
 def evaluate_all(
-    config: TrainConfig, teacher_path: Path, train_set, val_set, out_dir: Path, progress: bool
+    config: TrainConfig,
+    teacher_path: Path,
+    train_set,
+    val_set,
+    out_dir: Path,
+    progress: bool,
+    pixel_side: int = 8,
 ) -> tuple[list[ScoreRow], np.ndarray, dict[str, np.ndarray]]:
-    """k-NN, linear and logistic regression for the teacher, a random init and raw pixels; also, for a few
-    validation digits (their indices are returned), each extractor's nearest training images (for the picture)."""
+    """k-NN, linear and logistic regression for the teacher, a random init and raw pixels (area-averaged to
+    ``pixel_side`` squared); also, for a few validation images (their indices are returned), each extractor's
+    nearest training images (for the picture)."""
     size = config.crops.global_size
     extraction = ExtractionConfig(
         resize=size,
@@ -89,10 +96,7 @@ def evaluate_all(
     torch.manual_seed(config.run.seed)
     # the random baseline: the same architecture, random weights; LayerScale at 1 (at the 1e-5 of training's
     # initialisation every image would map to nearly the same feature, an unfairly weak baseline)
-    random_init = build_backbone(config.model, img_size=size, drop_path_rate=0.0)
-    for block in random_init.blocks:
-        block.ls1.gamma.data.fill_(1.0)
-        block.ls2.gamma.data.fill_(1.0)
+    random_init = build_backbone(replace(config.model, layerscale_init=1.0), img_size=size, drop_path_rate=0.0)
     extractors = {
         "DINOv2-pretrained teacher": load_backbone(teacher_path),
         "same ViT, random init": random_init.eval(),
@@ -106,7 +110,8 @@ def evaluate_all(
         train_f = extract_labelled(backbone, train_set, extraction)  # read back from the cache
         val_f = extract_labelled(backbone, val_set, extraction)
         neighbours[name.split(",")[0]] = _nearest(val_f.last_cls[query_index], train_f.last_cls)
-    train_pixels, val_pixels = pixel_features(train_set.paths), pixel_features(val_set.paths)
+    train_pixels = pixel_features(train_set.paths, pixel_side)
+    val_pixels = pixel_features(val_set.paths, pixel_side)
     pixels = evaluate_classification(
         None,
         Features.from_array(train_pixels, train_set.labels, train_set.classes, "train"),
@@ -139,7 +144,7 @@ def run_quickstart(output: str | Path, overrides: list[str] | None = None, progr
     result = train(config)
     train_seconds = time.perf_counter() - start
     train_set, val_set = load_image_folder(data.train), load_image_folder(data.val)
-    rows, query_index, neighbours = evaluate_all(config, result.teacher_backbone, train_set, val_set, out, progress)
+    rows, query_index, neighbours = evaluate_all(config, result.backbone, train_set, val_set, out, progress)
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -148,7 +153,7 @@ def run_quickstart(output: str | Path, overrides: list[str] | None = None, progr
     knn_picture = plot_neighbours(queries, grey_images(train_set.paths), neighbours, figures / "neighbours.png")
     from dinolab.features.pca import pca_pictures
 
-    teacher = load_backbone(result.teacher_backbone)
+    teacher = load_backbone(result.backbone)
     size = 16 * config.model.patch_size  # a 16 x 16 patch grid
     pca = pca_pictures(teacher, photos, figures / "pca", image_size=(size, size), attention=True, progress=False)
     digit_pca = pca_pictures(
@@ -163,7 +168,7 @@ def run_quickstart(output: str | Path, overrides: list[str] | None = None, progr
         "and L-BFGS logistic regression with C chosen on a held-out part of train.",
     ]
     pictures = {
-        "Training curves": [curves],
+        "Training curves and target health": [curves],
         "Nearest training images of validation digits (teacher | random init | raw pixels)": [knn_picture],
         "PCA of patch features on photos (teacher)": pca.pictures + pca.attention,
         "PCA of patch features on digits (teacher)": digit_pca.pictures,

@@ -39,6 +39,12 @@ class ModelConfig:
     """Number of blocks; 0 = the variant's (12/12/24/40). Smaller values are for tests and experiments."""
     num_register_tokens: int = 0
     """Register tokens (0 or 4 in the released models)."""
+    ffn_layer: str = ""
+    """Feed-forward of the blocks: 'mlp', 'swiglu' (SwiGLU with the released models' hidden width, 2/3 of the
+    MLP's rounded up to a multiple of 8), or '' for the variant's own (SwiGLU for vit_giant2, MLP otherwise)."""
+    weight_init: str = "trunc_normal"
+    """Initialisation of the linear layers: 'trunc_normal' (std 0.02, the official code and timm) or
+    'xavier_uniform' (better-conditioned for small models trained briefly; see docs/training.md)."""
     img_size: int = 0
     """Size the position embedding is stored for; 0 = the global crop size (518 when continuing from released
     weights, which store 518)."""
@@ -60,6 +66,14 @@ class ModelConfig:
         _check(0.0 <= self.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         _check(self.img_size >= 0, "model.img_size must be >= 0 (0 = global crop size)")
         _check(self.depth >= 0, "model.depth must be >= 0 (0 = the variant's depth)")
+        _check(
+            self.ffn_layer in ("", "mlp", "swiglu"),
+            f"model.ffn_layer must be '', mlp or swiglu, got {self.ffn_layer!r}",
+        )
+        _check(
+            self.weight_init in ("trunc_normal", "xavier_uniform"),
+            f"model.weight_init must be trunc_normal or xavier_uniform, got {self.weight_init!r}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -165,6 +179,10 @@ class OptimConfig:
     final_momentum_teacher: float = 1.0
     clip_grad: float = 3.0
     """Gradient-norm clipping (0 = off)."""
+    clip_grad_mode: str = "per_module"
+    """'per_module' clips the backbone and each head to ``clip_grad`` separately, as the official trainer does;
+    'global' clips one norm over all student parameters (a large head gradient then also shrinks the backbone's
+    update)."""
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     freeze_last_layer_epochs: float = 1
@@ -189,6 +207,10 @@ class OptimConfig:
             "optim: need 0 <= momentum_teacher <= final_momentum_teacher <= 1",
         )
         _check(self.clip_grad >= 0, "optim.clip_grad must be >= 0")
+        _check(
+            self.clip_grad_mode in ("per_module", "global"),
+            f"optim.clip_grad_mode must be per_module or global, got {self.clip_grad_mode!r}",
+        )
         _check(self.freeze_backbone_iters >= 0, "optim.freeze_backbone_iters must be >= 0")
 
     @property
@@ -201,7 +223,12 @@ class RunConfig:
     """Where the data comes from, where the run goes, and how it executes."""
 
     data: list[str] = field(default_factory=list)
-    """Image folders, ImageFolder trees or .txt path lists (labels are ignored)."""
+    """Image folders, ImageFolder trees or .txt path lists (labels are ignored); tar shards (``DIR``,
+    ``shards/{000000..000099}.tar``, URLs) and Hugging Face datasets (``hf-disk:PATH``, ``hf://ID``): see
+    docs/scale.md."""
+    data_mode: str = "auto"
+    """How shards are read: 'indexed' (random access, same order as the equivalent folder), 'stream' (shard by shard,
+    the position saved in checkpoints) or 'auto' (indexed unless a source can only be streamed: URLs, hf://)."""
     output_dir: str = "runs/dinolab"
     seed: int = 0
     num_workers: int = 2
@@ -223,6 +250,8 @@ class RunConfig:
     activation_checkpointing: bool = False
     """Recompute block activations in backward to fit larger batches."""
     progress: bool = True
+    health_warnings: bool = True
+    """Warn when the teacher's targets go uniform or collapse (the health statistics are logged regardless)."""
     stop_after_iters: int = 0
     """Stop (with a checkpoint) after this many iterations of this invocation; 0 = run to the end. For jobs
     cut into time slices, and for tests of resuming."""
@@ -235,6 +264,10 @@ class RunConfig:
         )
         _check(self.num_workers >= 0, "run.num_workers must be >= 0")
         _check(
+            self.data_mode in ("auto", "indexed", "stream"),
+            f"run.data_mode must be auto, indexed or stream, got {self.data_mode!r}",
+        )
+        _check(
             self.log_every >= 1 and self.checkpoint_every >= 1, "run.log_every and run.checkpoint_every must be >= 1"
         )
         _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
@@ -242,8 +275,31 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class DistillConfig:
+    """Distillation from a frozen teacher (``dinolab distill``); an empty ``teacher`` is plain pretraining."""
+
+    teacher: str = ""
+    """The frozen teacher: a dinolab run directory or checkpoint folder (its teacher backbone and heads are used),
+    or only a backbone (a released name such as dinov2_vitl14, or any checkpoint file dinolab.hub reads), whose
+    heads are then trained first by a heads-only warm-up (``heads_warmup_iters``) in RUN/teacher_heads."""
+    teacher_weights: str = ""
+    """With a released name as ``teacher``: a local file or URL of its weights ('' = the official download)."""
+    heads_warmup_iters: int = 1000
+    """Iterations of the heads-only warm-up of a backbone-only teacher (the backbone frozen, as in continued
+    pretraining with optim.freeze_backbone_iters)."""
+
+    def __post_init__(self) -> None:
+        _check(self.heads_warmup_iters >= 1, "distill.heads_warmup_iters must be >= 1")
+        _check(not self.teacher_weights or self.teacher, "distill.teacher_weights needs distill.teacher")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    """A whole pretraining run."""
+    """A whole pretraining (or distillation) run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
@@ -252,12 +308,24 @@ class TrainConfig:
     crops: AugmentationConfig = field(default_factory=AugmentationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         p = self.model.patch_size
         for name in ("global_size", "local_size"):
             size = getattr(self.crops, name)
             _check(size % p == 0, f"crops.{name}={size} must be a multiple of model.patch_size={p}")
+        if self.distill.enabled:
+            # the method, not a default: say so instead of silently training something else
+            _check(
+                self.model.drop_path_rate == 0.0,
+                "distillation trains the student without stochastic depth: set model.drop_path_rate=0",
+            )
+            _check(
+                self.masking.sample_probability == 0.0,
+                "distillation shows the student unmasked crops: set masking.sample_probability=0",
+            )
+            _check(self.optim.freeze_backbone_iters == 0, "distillation does not freeze the student's backbone")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

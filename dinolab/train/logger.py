@@ -43,11 +43,18 @@ class MetricLogger:
 
 
 def format_line(step: int, total: int, metrics: dict[str, Any], seconds_left: float) -> str:
-    """``[  120/3000] loss 9.12 (dino 8.1 ibot 0.9 koleo -0.4) lr 1.2e-04 … 36 img/s, 0:41 left``."""
+    """``[ 120/3000] loss 9.12 (dino 8.1 ibot 0.9 koleo -0.4) targets H 0.41 used 58/64 agree 0.62 lr 1.2e-04 …
+    36 img/s, 0:41 left`` (target health: the DINO targets' row entropy / log K, prototypes used, agreement)."""
+    health = ""
+    if "health/dino_row_entropy" in metrics:
+        health = (
+            f"targets H {metrics['health/dino_row_entropy']:.2f} used {metrics['health/dino_prototypes_used']} "
+            f"agree {metrics.get('health/dino_agreement', float('nan')):.2f} "
+        )
     return (
         f"[{step:>{len(str(total))}}/{total}] loss {metrics['loss/total']:.4f} "
         f"(dino {metrics['loss/dino']:.4f} ibot {metrics['loss/ibot']:.4f} koleo {metrics['loss/koleo']:.4f}) "
-        f"lr {metrics['lr']:.2e} wd {metrics['wd']:.3f} mom {metrics['momentum']:.4f} "
+        f"{health}lr {metrics['lr']:.2e} wd {metrics['wd']:.3f} mom {metrics['momentum']:.4f} "
         f"T {metrics['teacher_temp']:.3f} {metrics['images_per_s']:.1f} img/s, {_format_duration(seconds_left)} left"
     )
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinolab.data.collate import Batch
@@ -19,8 +22,9 @@ from dinolab.losses import (
     sinkhorn_knopp,
 )
 from dinolab.models.heads import DINOHead
-from dinolab.models.vit import DinoVisionTransformer, build_vit
-from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig
+from dinolab.models.vit import DinoVisionTransformer, build_vit, position_interpolation
+from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, TrainConfig
+from dinolab.train.health import AGREEMENT_ROWS, feature_spread, target_stats
 
 
 @dataclass
@@ -31,6 +35,8 @@ class LossTerms:
     dino: Tensor
     ibot: Tensor
     koleo: Tensor
+    health: dict[str, float] = field(default_factory=dict)
+    """Target-health statistics (``dinolab.train.health``), computed when the forward is asked for them."""
 
     def detached(self) -> dict[str, float]:
         return {name: float(getattr(self, name).detach()) for name in ("total", "dino", "ibot", "koleo")}
@@ -45,12 +51,16 @@ def build_backbone(config: ModelConfig, img_size: int, drop_path_rate: float | N
         drop_path_rate=config.drop_path_rate if drop_path_rate is None else drop_path_rate,
         init_values=config.layerscale_init,
         efficient_drop_path=config.efficient_drop_path,
-        interpolate_antialias=config.num_register_tokens > 0,
-        interpolate_offset=0.0 if config.num_register_tokens else 0.1,
+        **position_interpolation(config.num_register_tokens),
     )
     if config.depth:
         kwargs["depth"] = config.depth
-    return build_vit(config.arch, **kwargs)
+    if config.ffn_layer:
+        kwargs["ffn_layer"] = "swiglufused" if config.ffn_layer == "swiglu" else "mlp"
+    backbone = build_vit(config.arch, **kwargs)
+    if config.weight_init != "trunc_normal":
+        backbone.init_weights(linear_init=config.weight_init)
+    return backbone
 
 
 def build_heads(config: HeadsConfig, embed_dim: int) -> nn.ModuleDict:
@@ -76,6 +86,23 @@ def build_heads(config: HeadsConfig, embed_dim: int) -> nn.ModuleDict:
     return heads
 
 
+class TeacherOutput(NamedTuple):
+    """What the teacher gives the student in one step."""
+
+    dino_targets: Tensor  # [G, B, K] probabilities for the DINO loss
+    ibot_targets: Tensor  # [M, K] probabilities of the selected (masked, or in distillation all) patches
+    cls_tokens: Tensor  # [G*B, D_teacher] normalised CLS tokens (for the health statistics)
+
+
+def select_all_patches(batch: Batch) -> Batch:
+    """The batch with every patch of every global crop selected for the iBOT loss (distillation), each weighted
+    ``1 / N`` so that the loss is the per-image mean, as for masked patches."""
+    crops, patches = batch.masks.shape  # [G*B, N]
+    indices = torch.arange(crops * patches, device=batch.masks.device)
+    weights = torch.full((crops * patches,), 1.0 / patches, device=batch.masks.device)
+    return dataclasses.replace(batch, mask_indices=indices, mask_weights=weights)
+
+
 class SSLMetaArch(nn.Module):
     """Student (backbone + heads, trained) and teacher (its EMA, never back-propagated).
 
@@ -83,33 +110,68 @@ class SSLMetaArch(nn.Module):
     head, ``ibot_head``; parameter names are therefore ``student.backbone.blocks.0…`` etc.
     """
 
-    def __init__(self, model: ModelConfig, heads: HeadsConfig, loss: LossConfig, img_size: int) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        heads: HeadsConfig,
+        loss: LossConfig,
+        img_size: int,
+        distillation_teacher: nn.ModuleDict | None = None,
+        masked_student: bool = True,
+    ) -> None:
+        """``distillation_teacher`` (backbone + heads of another, frozen model) switches to distillation: the
+        teacher is never updated, the student sees unmasked crops without stochastic depth, the iBOT loss covers
+        every patch of both global crops, and ``student_ema`` (an EMA of the student's backbone) is the model the
+        run produces. ``masked_student=False`` (masking switched off) freezes the mask token, which then never
+        gets a gradient (and so would have no optimizer state to save and resume)."""
         super().__init__()
         self.loss_config = loss
-        backbone = build_backbone(model, img_size)
+        self.distillation = distillation_teacher is not None
+        backbone = build_backbone(model, img_size, drop_path_rate=0.0 if self.distillation else None)
+        if self.distillation or not masked_student:
+            backbone.mask_token.requires_grad_(False)
         self.student = nn.ModuleDict({"backbone": backbone, **build_heads(heads, backbone.embed_dim)})
-        self.teacher = copy.deepcopy(self.student)
+        if distillation_teacher is None:
+            self.teacher = copy.deepcopy(self.student)
+        else:
+            self.teacher = distillation_teacher
+            self.student_ema = copy.deepcopy(backbone).requires_grad_(False)
+            _init_heads_from_teacher(self.student, self.teacher)
         for block in self.teacher["backbone"].blocks:
             block.drop_path = 0.0  # the teacher sees clean inputs: no masks, no stochastic depth
         self.teacher.requires_grad_(False)
         self.packed_sequences = model.packed_sequences
-        self.heads_on_all_patches = False
-        """Baseline only (benchmarks): run the heads on every token of every crop and the iBOT loss densely over
-        all patches, as the iBOT code does, instead of on the CLS and masked tokens alone."""
         self.dino_loss = DINOLoss(student_temp=loss.student_temp)
         self.dino_center = CenteringEMA(heads.dino_prototypes, momentum=loss.center_momentum)
         ibot_prototypes = heads.ibot_prototypes if heads.ibot_separate_head else heads.dino_prototypes
         self.ibot_center = CenteringEMA(ibot_prototypes, momentum=loss.center_momentum)
 
+    @classmethod
+    def from_config(cls, config: TrainConfig, distillation_teacher: nn.ModuleDict | None = None) -> SSLMetaArch:
+        """The model a run's config describes (on the CPU, randomly initialised): the position embedding stored
+        for ``model.img_size`` (or the global crop size), the mask token frozen when nothing is masked, and, with
+        ``distillation_teacher`` (see :func:`dinolab.train.distill.build_teacher`), a distillation model."""
+        img_size = config.model.img_size or config.crops.global_size
+        masked = config.loss.ibot_weight > 0 and config.masking.sample_probability > 0
+        return cls(
+            config.model,
+            config.heads,
+            config.loss,
+            img_size,
+            distillation_teacher=distillation_teacher,
+            masked_student=masked,
+        )
+
+    @property
+    def produced_backbone(self) -> nn.Module:
+        """The backbone this run produces: the teacher (pretraining) or the student's EMA (distillation)."""
+        return self.student_ema if self.distillation else self.teacher["backbone"]
+
     # ------------------------------------------------------------------------------------------------ helpers
     def _masked_patch_logits(self, net: nn.ModuleDict, cls_tokens: Tensor, patches: Tensor, batch: Batch):
-        """Head outputs for CLS tokens ``[n, D]`` and the masked patches of ``patches [G*B, N, D]`` (the baseline
-        computes them for every patch and selects after)."""
-        if not self.heads_on_all_patches:
-            masked = patches.flatten(0, 1).index_select(0, batch.mask_indices)  # [M, D]
-            return self._heads(net, cls_tokens, masked)
-        cls_logits, all_logits = self._heads(net, cls_tokens, patches.flatten(0, 1))
-        return cls_logits, all_logits.index_select(0, batch.mask_indices)
+        """Head outputs for CLS tokens ``[n, D]`` and the masked patches of ``patches [G*B, N, D]``."""
+        masked = patches.flatten(0, 1).index_select(0, batch.mask_indices)  # [M, D]
+        return self._heads(net, cls_tokens, masked)
 
     def _heads(self, net: nn.ModuleDict, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """DINO head on CLS tokens ``[n, D]``, iBOT head on masked patch tokens ``[M, D]`` — one call when shared."""
@@ -126,26 +188,43 @@ class SSLMetaArch(nn.Module):
         return probs
 
     @torch.no_grad()
-    def teacher_targets(self, batch: Batch, teacher_temp: float) -> tuple[Tensor, Tensor]:
-        """Teacher probabilities for the DINO loss ``[G, B, K]`` and for the masked patches ``[M, K]``."""
+    def teacher_targets(self, batch: Batch, teacher_temp: float) -> TeacherOutput:
+        """Teacher probabilities for the DINO loss ``[G, B, K]`` and for the selected patches ``[M, K]``."""
         num_images = batch.num_images
-        out = self.teacher["backbone"].forward_features(batch.global_crops)
+        out = self.teacher["backbone"].forward_features(self._teacher_input(batch.global_crops))
         cls_logits, patch_logits = self._masked_patch_logits(
             self.teacher, out["x_norm_clstoken"], out["x_norm_patchtokens"], batch
         )  # [G*B, K], [M, K]
         dino_probs = self._targets(cls_logits.float(), teacher_temp, self.dino_center)
         # called even with no masked patch here: the targets are collective across processes
         ibot_probs = self._targets(patch_logits.float(), teacher_temp, self.ibot_center)
-        return dino_probs.view(-1, num_images, dino_probs.shape[-1]), ibot_probs
+        return TeacherOutput(dino_probs.view(-1, num_images, dino_probs.shape[-1]), ibot_probs, out["x_norm_clstoken"])
+
+    def _teacher_input(self, global_crops: Tensor) -> Tensor:
+        """Global crops at the size that gives the teacher the student's patch grid (distilling across patch
+        sizes, e.g. a /14 teacher into a /16 student: the teacher sees the crop resized to 14 x grid)."""
+        teacher_patch = self.teacher["backbone"].patch_size
+        student_patch = self.student["backbone"].patch_size
+        if teacher_patch == student_patch:
+            return global_crops
+        height, width = global_crops.shape[-2:]
+        size = (height // student_patch * teacher_patch, width // student_patch * teacher_patch)
+        return F.interpolate(global_crops, size=size, mode="bicubic", align_corners=False, antialias=True)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, batch: Batch, teacher_temp: float, freeze_backbone: bool = False) -> LossTerms:
-        """Losses of one (micro-)batch. ``freeze_backbone`` trains only the heads (continued pretraining)."""
+    def forward(
+        self, batch: Batch, teacher_temp: float, freeze_backbone: bool = False, with_health: bool = False
+    ) -> LossTerms:
+        """Losses of one (micro-)batch. ``freeze_backbone`` trains only the heads (continued pretraining);
+        ``with_health`` adds the target-health statistics (a logging step)."""
         cfg = self.loss_config
-        dino_targets, ibot_targets = self.teacher_targets(batch, teacher_temp)
+        if self.distillation:
+            batch = select_all_patches(batch)
+        teacher = self.teacher_targets(batch, teacher_temp)
+        dino_targets, ibot_targets = teacher.dino_targets, teacher.ibot_targets
 
         crops = [batch.global_crops] + ([batch.local_crops] if batch.local_crops.shape[0] else [])
-        masks = [batch.masks] + [None] * (len(crops) - 1)
+        masks = [None if self.distillation else batch.masks] + [None] * (len(crops) - 1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):
             outs = self.student["backbone"].forward_features_list(crops, masks, packed=self.packed_sequences)
         if freeze_backbone:
@@ -153,12 +232,7 @@ class SSLMetaArch(nn.Module):
         global_cls = outs[0]["x_norm_clstoken"]  # [G*B, D]
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outs])  # [(G+L)*B, D], crop-major
         patches = outs[0]["x_norm_patchtokens"]  # [G*B, N, D]
-        if self.heads_on_all_patches:
-            dino, ibot = self._prototype_losses_ibot_style(batch, outs, dino_targets, ibot_targets)
-        elif cfg.chunked_cross_entropy:
-            dino, ibot = self._prototype_losses_chunked(batch, cls_tokens, patches, dino_targets, ibot_targets)
-        else:
-            dino, ibot = self._prototype_losses(batch, cls_tokens, patches, dino_targets, ibot_targets)
+        dino, ibot = self._student_losses(batch, outs, cls_tokens, patches, dino_targets, ibot_targets)
 
         # the prototype losses are fp32 (they reduce over K prototypes); KoLeo and the total too
         with torch.autocast(global_cls.device.type, enabled=False):
@@ -166,7 +240,49 @@ class SSLMetaArch(nn.Module):
             if cfg.koleo_weight > 0:
                 koleo = sum(koleo_loss(chunk) for chunk in global_cls.float().chunk(dino_targets.shape[0]))
             total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
-        return LossTerms(total=total, dino=dino, ibot=ibot, koleo=koleo)
+        health = self.health(batch, teacher, global_cls, patches) if with_health else {}
+        return LossTerms(total=total, dino=dino, ibot=ibot, koleo=koleo, health=health)
+
+    @torch.no_grad()
+    def health(self, batch: Batch, teacher: TeacherOutput, student_cls: Tensor, patches: Tensor) -> dict[str, float]:
+        """Target-health statistics of this batch (see :mod:`dinolab.train.health`); collective when distributed.
+
+        The student's predictions are compared with the targets they are trained on: a global crop's with the
+        other global crop's DINO target, a selected patch's with the teacher's target at that position.
+        """
+        dino_targets = teacher.dino_targets  # [G, B, K]
+        num_global = dino_targets.shape[0]
+        other_view = dino_targets.roll(1, dims=0) if num_global > 1 else dino_targets
+        student_dino = self.student["dino_head"](student_cls[:AGREEMENT_ROWS].detach())  # [n, K]
+        stats = {
+            f"dino_{k}": v
+            for k, v in target_stats(
+                dino_targets.flatten(0, 1), student_dino, other_view.flatten(0, 1)[:AGREEMENT_ROWS].argmax(-1)
+            ).items()
+        }
+        rows = batch.mask_indices[:AGREEMENT_ROWS] if self.loss_config.ibot_weight > 0 else batch.mask_indices[:0]
+        head = self.student["ibot_head"] if "ibot_head" in self.student else self.student["dino_head"]
+        student_ibot = head(patches.detach().flatten(0, 1).index_select(0, rows))  # [m, K]
+        stats.update({f"ibot_{k}": v for k, v in target_stats(teacher.ibot_targets, student_ibot).items()})
+        stats["teacher_cls_std"] = feature_spread(teacher.cls_tokens)
+        stats["student_cls_std"] = feature_spread(student_cls.detach())
+        return stats
+
+    def _student_losses(
+        self,
+        batch: Batch,
+        outs: list[dict[str, Tensor]],
+        cls_tokens: Tensor,
+        patches: Tensor,
+        dino_targets: Tensor,
+        ibot_targets: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The DINO and iBOT losses of the student's outputs ``outs`` (one dict per crop size): chunk by chunk
+        (``loss.chunked_cross_entropy``) or from the full logits. benchmarks/naive_meta_arch.py overrides this with
+        the iBOT code's way, the baseline the efficiency measurements compare against."""
+        if self.loss_config.chunked_cross_entropy:
+            return self._prototype_losses_chunked(batch, cls_tokens, patches, dino_targets, ibot_targets)
+        return self._prototype_losses(batch, cls_tokens, patches, dino_targets, ibot_targets)
 
     def _prototype_losses(
         self, batch: Batch, cls_tokens: Tensor, patches: Tensor, dino_targets: Tensor, ibot_targets: Tensor
@@ -182,40 +298,6 @@ class SSLMetaArch(nn.Module):
                     patch_logits,
                     ibot_targets.float(),
                     batch.mask_weights,
-                    num_images=batch.global_crops.shape[0],
-                    student_temp=self.loss_config.student_temp,
-                )
-        return dino, ibot
-
-    def _prototype_losses_ibot_style(
-        self, batch: Batch, outs: list[dict[str, Tensor]], dino_targets: Tensor, ibot_targets: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Baseline only (benchmarks): the same losses computed the way the iBOT code does.
-
-        The head runs on every token of every crop (the local crops' patch logits are computed and dropped), and
-        the iBOT loss is dense over all patches of the global crops, the unmasked ones weighted 0.
-        """
-        cls_logits, patch_logits = [], []
-        for out in outs:
-            cls, patch = self._heads(self.student, out["x_norm_clstoken"], out["x_norm_patchtokens"].flatten(0, 1))
-            cls_logits.append(cls)
-            patch_logits.append(patch)
-        global_patch_logits = patch_logits[0]  # [G*B*N, K]
-        del patch_logits
-        with torch.autocast(global_patch_logits.device.type, enabled=False):
-            cls_logits = torch.cat(cls_logits).float()
-            dino = self.dino_loss(cls_logits.view(-1, batch.num_images, cls_logits.shape[-1]), dino_targets.float())
-            ibot = dino.new_zeros(())
-            if self.loss_config.ibot_weight > 0 and batch.mask_indices.numel():
-                rows = batch.mask_indices
-                dense_targets = ibot_targets.new_zeros(global_patch_logits.shape).index_copy_(0, rows, ibot_targets)
-                dense_weights = batch.mask_weights.new_zeros(dense_targets.shape[0]).index_copy_(
-                    0, rows, batch.mask_weights
-                )
-                ibot = ibot_loss(
-                    global_patch_logits.float(),
-                    dense_targets,
-                    dense_weights,
                     num_images=batch.global_crops.shape[0],
                     student_temp=self.loss_config.student_temp,
                 )
@@ -248,7 +330,25 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """``teacher = momentum * teacher + (1 - momentum) * student``, all parameters at once."""
-        teacher = [p for p in self.teacher.parameters()]
-        student = [p.detach() for p in self.student.parameters()]
-        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        """``teacher = momentum * teacher + (1 - momentum) * student``, all parameters at once. In distillation
+        the teacher is frozen and the student's EMA backbone moves instead."""
+        if self.distillation:
+            ema, source = list(self.student_ema.parameters()), self.student["backbone"].parameters()
+        else:
+            ema, source = list(self.teacher.parameters()), self.student.parameters()
+        torch._foreach_lerp_(ema, [p.detach() for p in source], 1.0 - momentum)
+
+
+def _init_heads_from_teacher(student: nn.ModuleDict, teacher: nn.ModuleDict) -> None:
+    """Distillation: heads of the teacher's shape; when the widths match they start as copies of the teacher's
+    (otherwise they are the student's own, trained from their initialisation; only the targets are the
+    teacher's)."""
+    for name, head in student.items():
+        if name == "backbone":
+            continue
+        if name not in teacher:
+            raise ValueError(f"the distillation teacher has no {name}; its heads must match the student's layout")
+        source = teacher[name].state_dict()
+        target = head.state_dict()
+        if all(source[k].shape == v.shape for k, v in target.items() if k in source) and source.keys() == target.keys():
+            head.load_state_dict(source)

@@ -17,6 +17,7 @@ from dinolab.train.meta_arch import SSLMetaArch
 
 
 def _backbones(model: SSLMetaArch) -> list[nn.Module]:
+    """Every backbone that runs forward passes (the student's EMA in distillation only averages weights)."""
     return [model.student["backbone"], model.teacher["backbone"]]
 
 
@@ -35,8 +36,9 @@ def apply_compile(model: SSLMetaArch) -> None:
 
 def apply_fsdp(model: SSLMetaArch, dtype: str) -> None:
     """FSDP2: shard each block, each backbone's remaining parameters and each head; teacher sharded like the
-    student so the EMA update is local. Parameters stay fp32 (sharded); compute in ``dtype``, gradients reduced
-    in fp32."""
+    student so the EMA update is local. In distillation the frozen teacher is sharded the same way (it holds no
+    gradients), and the student's EMA like the student's backbone (its update stays local). Parameters stay fp32
+    (sharded); compute in ``dtype``, gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
@@ -55,6 +57,10 @@ def apply_fsdp(model: SSLMetaArch, dtype: str) -> None:
             if name != "backbone":
                 fully_shard(head, mp_policy=policy)
                 register_fsdp_forward_method(head, "cross_entropy")
+    if model.distillation:
+        for block in model.student_ema.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model.student_ema, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
 
 

@@ -41,8 +41,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_safetensors(vit_tiny(depth=2, img_size=56), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
-def embed(*args: str | Path) -> int:
-    return main(["embed", *map(str, args), "--num-workers", "0", "--no-progress"])
+def embed(model: str | Path, *args: str | Path) -> int:
+    return main(["embed", "--model", str(model), *map(str, args), "--num-workers", "0", "--no-progress"])
 
 
 def test_embed_end_to_end(images: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,7 +128,18 @@ def test_pca_writes_pictures(
 ) -> None:
     out = tmp_path / "pca"
     code = main(
-        ["pca", str(checkpoint), str(images), "-o", str(out), "--image-size", "56", "--attention", "--no-progress"]
+        [
+            "pca",
+            "--model",
+            str(checkpoint),
+            str(images),
+            "-o",
+            str(out),
+            "--image-size",
+            "56",
+            "--attention",
+            "--no-progress",
+        ]
     )
     assert code == 0
     names = sorted(p.name for p in out.glob("*.png"))

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from dinolab.curation import EmbedConfig, EmbeddingStore, IncompleteStoreError, ShardedArray, TransformConfig
-from dinolab.curation.embed import embed_images, is_torchscript_file, load_embedding_model
+from dinolab.curation.embed import embed_to_store, is_torchscript_file, load_embedding_model
 from dinolab.models.vit import vit_tiny
 
 TRANSFORM = TransformConfig(resize=28, crop=28)
@@ -61,7 +61,7 @@ def test_sharded_array_reads_like_the_concatenation() -> None:
 
 def test_interrupted_embedding_resumes_without_redoing_finished_shards(image_folder: Path, tmp_path: Path) -> None:
     model = tiny_model()
-    reference = embed_images(config(image_folder, tmp_path / "uninterrupted"), model=model).store
+    reference = embed_to_store(config(image_folder, tmp_path / "uninterrupted"), model=model).store
 
     class Crash(RuntimeError):
         pass
@@ -72,7 +72,7 @@ def test_interrupted_embedding_resumes_without_redoing_finished_shards(image_fol
 
     store_dir = tmp_path / "resumed"
     with pytest.raises(Crash):
-        embed_images(config(image_folder, store_dir), model=model, after_shard=crash_after_shard_1)
+        embed_to_store(config(image_folder, store_dir), model=model, after_shard=crash_after_shard_1)
     partial = EmbeddingStore.open(store_dir, require_complete=False)
     assert partial.done_shards() == [0, 1] and partial.missing_shards() == [2, 3]
     with pytest.raises(IncompleteStoreError, match="rerun"):
@@ -80,7 +80,7 @@ def test_interrupted_embedding_resumes_without_redoing_finished_shards(image_fol
     done_files = [partial.shard_file(s, suffix) for s in (0, 1) for suffix in (".npy", ".txt", ".json")]
     mtimes = {f: os.stat(f).st_mtime_ns for f in done_files}
 
-    result = embed_images(config(image_folder, store_dir), model=model)
+    result = embed_to_store(config(image_folder, store_dir), model=model)
     assert result.embedded_shards == [2, 3] and result.skipped_shards == [0, 1]
     assert {f: os.stat(f).st_mtime_ns for f in done_files} == mtimes  # shards 0..1 untouched
     store = EmbeddingStore.open(store_dir)
@@ -97,10 +97,10 @@ def test_interrupted_embedding_resumes_without_redoing_finished_shards(image_fol
 
 def test_a_shard_without_its_record_is_redone(image_folder: Path, tmp_path: Path) -> None:
     model = tiny_model()
-    store = embed_images(config(image_folder, tmp_path / "s", storage_dtype="fp16"), model=model).store
+    store = embed_to_store(config(image_folder, tmp_path / "s", storage_dtype="fp16"), model=model).store
     before = store.vectors()[:]
     store.shard_file(2, ".json").unlink()  # as if the job died between writing the array and the record
-    result = embed_images(config(image_folder, tmp_path / "s", storage_dtype="fp16"), model=model)
+    result = embed_to_store(config(image_folder, tmp_path / "s", storage_dtype="fp16"), model=model)
     assert result.embedded_shards == [2]
     np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "s").vectors()[:], before)
     assert store.vectors().parts[0].dtype == np.float16
@@ -108,19 +108,19 @@ def test_a_shard_without_its_record_is_redone(image_folder: Path, tmp_path: Path
 
 def test_ranks_embed_disjoint_shards_and_together_equal_one_process(image_folder: Path, tmp_path: Path) -> None:
     model = tiny_model()
-    single = embed_images(config(image_folder, tmp_path / "single"), model=model).store
-    r0 = embed_images(config(image_folder, tmp_path / "ranks", rank=0, world_size=2), model=model)
+    single = embed_to_store(config(image_folder, tmp_path / "single"), model=model).store
+    r0 = embed_to_store(config(image_folder, tmp_path / "ranks", rank=0, world_size=2), model=model)
     assert r0.embedded_shards == [0, 2]
     assert EmbeddingStore.open(tmp_path / "ranks", require_complete=False).missing_shards() == [1, 3]
-    r1 = embed_images(config(image_folder, tmp_path / "ranks", rank=1, world_size=2), model=model)
+    r1 = embed_to_store(config(image_folder, tmp_path / "ranks", rank=1, world_size=2), model=model)
     assert r1.embedded_shards == [1, 3]
     np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "ranks").vectors()[:], single.vectors()[:])
 
 
 def test_a_store_refuses_a_different_job(image_folder: Path, tmp_path: Path) -> None:
-    embed_images(config(image_folder, tmp_path / "s", model="pixels:4"))
+    embed_to_store(config(image_folder, tmp_path / "s", model="pixels:4"))
     with pytest.raises(ValueError, match="different embedding job"):
-        embed_images(config(image_folder, tmp_path / "s", model="pixels:5"))
+        embed_to_store(config(image_folder, tmp_path / "s", model="pixels:5"))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # SSCD and friends ship as TorchScript
@@ -148,5 +148,5 @@ def test_torchrun_two_processes_fill_the_store(image_folder: Path, tmp_path: Pat
     ]  # fmt: skip
     subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     done = EmbeddingStore.open(store)
-    single = embed_images(config(image_folder, tmp_path / "single", model="pixels:4", storage_dtype="fp16")).store
+    single = embed_to_store(config(image_folder, tmp_path / "single", model="pixels:4", storage_dtype="fp16")).store
     np.testing.assert_array_equal(done.vectors()[:], single.vectors()[:])

@@ -17,8 +17,8 @@ from dinolab.eval.linear import (
     LinearGrid,
     grid_top1,
     head_logits,
+    linear_scaled_lr,
     run_linear,
-    scale_lr,
 )
 
 
@@ -35,7 +35,7 @@ def synthetic(
 
 def test_official_learning_rates_and_scaling() -> None:
     assert LEARNING_RATES == (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
-    assert scale_lr(1e-3, 1024) == pytest.approx(4e-3)
+    assert linear_scaled_lr(1e-3, 1024) == pytest.approx(4e-3)
 
 
 @pytest.mark.parametrize("variant", [FeatureVariant(1, False), FeatureVariant(2, True)])

@@ -10,10 +10,10 @@ import pytest
 from dense_helpers import frame_videos, write_rgb
 
 from dinolab.cli import eval as eval_cli
-from dinolab.cli import eval_dense, eval_retrieval, eval_video
+from dinolab.cli import eval_retrieval, eval_video, options
 
-TINY = ["--backbone", "vit_tiny", "--backbone-arg", "depth=2", "--backbone-arg", "img_size=56",
-        "--backbone-arg", "init_values=1.0", "--num-workers", "0", "--no-progress"]  # fmt: skip
+TINY = ["--model", "vit_tiny", "--model-arg", "depth=2", "--model-arg", "img_size=56",
+        "--model-arg", "init_values=1.0", "--num-workers", "0", "--no-progress"]  # fmt: skip
 
 
 def run_cli(module, argv: list[str]) -> int:
@@ -29,10 +29,10 @@ def test_tasks_are_registered() -> None:
 
 
 def test_backbone_arguments_are_python_literals() -> None:
-    parsed = eval_dense.parse_backbone_args(["depth=2", "init_values=1.0", "ffn_layer=mlp", "img_size=(56)"])
+    parsed = options.model_kwargs(["depth=2", "init_values=1.0", "ffn_layer=mlp", "img_size=(56)"])
     assert parsed == {"depth": 2, "init_values": 1.0, "ffn_layer": "mlp", "img_size": 56}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        eval_dense.parse_backbone_args(["depth"])
+        options.model_kwargs(["depth"])
 
 
 def test_retrieval_command(tmp_path) -> None:

@@ -15,7 +15,7 @@ from skimage.filters import threshold_otsu
 
 from dinolab.cli import eval_depth, eval_segmentation
 
-TINY_BACKBONE = ["--backbone", "vit_tiny", "--backbone-arg", "depth=2", "--backbone-arg", "img_size=56"]
+TINY_BACKBONE = ["--model", "vit_tiny", "--model-arg", "depth=2", "--model-arg", "img_size=56"]
 FAST = ["--num-workers", "0", "--no-progress", "--seed", "0"]
 
 

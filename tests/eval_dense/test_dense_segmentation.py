@@ -8,16 +8,17 @@ import torch
 from dense_helpers import two_region_sample, write_gray, write_rgb
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
+from dinolab.eval import dense
 from dinolab.eval import segmentation as seg
 from dinolab.eval.heads import Segmenter
 from dinolab.eval.readers.segmentation import folder_pair
 
 
 def test_window_starts_cover_the_side_and_end_at_the_border() -> None:
-    assert seg.window_starts(95, 56, 37) == [0, 37, 39]  # the last window is pulled back to end at 95
-    assert seg.window_starts(70, 56, 37) == [0, 14]
-    assert seg.window_starts(56, 56, 37) == [0]
-    assert seg.window_starts(30, 56, 37) == [0]  # smaller than the window: one (clipped) window
+    assert dense.window_starts(95, 56, 37) == [0, 37, 39]  # the last window is pulled back to end at 95
+    assert dense.window_starts(70, 56, 37) == [0, 14]
+    assert dense.window_starts(56, 56, 37) == [0]
+    assert dense.window_starts(30, 56, 37) == [0]  # smaller than the window: one (clipped) window
 
 
 def _pixelwise_model(seed: int = 0) -> torch.nn.Conv2d:
@@ -29,11 +30,11 @@ def _pixelwise_model(seed: int = 0) -> torch.nn.Conv2d:
 def test_slide_inference_equals_whole_image_for_a_pixelwise_model() -> None:
     model = _pixelwise_model()
     image = torch.randn(2, 3, 70, 95)
-    out = seg.slide_inference(model, image, window=56, stride=37, batch_size=3)
+    out = dense.slide_inference(model, image, window=56, stride=37, batch_size=3)
     assert out.shape == (2, 4, 70, 95)
     torch.testing.assert_close(out, model(image))
     small = torch.randn(1, 3, 30, 40)
-    torch.testing.assert_close(seg.slide_inference(model, small, 56, 37), model(small))
+    torch.testing.assert_close(dense.slide_inference(model, small, 56, 37), model(small))
 
 
 @torch.no_grad()
@@ -43,7 +44,7 @@ def test_slide_inference_averages_overlaps_like_a_reference_loop() -> None:
         return x.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 2, *x.shape[-2:])
 
     image = torch.randn(1, 3, 70, 95)
-    out = seg.slide_inference(window_mean, image, window=56, stride=37, batch_size=2)
+    out = dense.slide_inference(window_mean, image, window=56, stride=37, batch_size=2)
     total, count = torch.zeros(1, 2, 70, 95), torch.zeros(1, 1, 70, 95)
     for y in (0, 14):
         for x in (0, 37, 39):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from dinov2.layers import DINOHead as OfficialDINOHead
 
-from dinolab.models.heads import DINOHead, head_state_dict_from_official
+from dinolab.hub.convert import head_state_dict_from_official
+from dinolab.models.heads import DINOHead
 
 
 def _official(**kwargs) -> OfficialDINOHead:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from dinolab.quickstart.data import write_digits, write_photos
+from dinolab.quickstart.data import TEXTURE_SOURCES, write_digits, write_photos, write_textures
 from dinolab.quickstart.report import ScoreRow, results_markdown, write_report
 from dinolab.quickstart.run import pixel_features, run_quickstart
 
@@ -19,6 +19,19 @@ def test_digits_are_written_as_a_stratified_image_folder(tmp_path):
     assert len(train) == split.num_train and {p.parent.name for p in train} == {str(d) for d in range(10)}
     assert Image.open(train[0]).size == (32, 32) and Image.open(train[0]).mode == "RGB"
     assert write_digits(tmp_path / "digits") == split  # idempotent
+
+
+def test_textures_are_patches_of_the_photographs_with_disjoint_train_and_val_regions(tmp_path):
+    split = write_textures(tmp_path, train_per_class=4, val_per_class=3)
+    assert sorted(p.name for p in split.train.iterdir()) == sorted(TEXTURE_SOURCES)
+    assert (split.num_train, split.num_val) == (4 * len(TEXTURE_SOURCES), 3 * len(TEXTURE_SOURCES))
+    for folder, count in ((split.train, 4), (split.val, 3)):
+        for source in TEXTURE_SOURCES:
+            files = sorted((folder / source).glob("*.png"))
+            assert len(files) == count and Image.open(files[0]).size == (32, 32)
+    again = write_textures(tmp_path / "again", train_per_class=4, val_per_class=3)
+    first, second = (sorted((s.val / "brick").glob("*.png"))[0] for s in (split, again))
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))  # deterministic
 
 
 def test_pixel_features_recover_the_original_digits(tmp_path):

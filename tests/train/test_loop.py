@@ -25,7 +25,7 @@ def tiny_config(data: Path, out: Path, *overrides: str) -> TrainConfig:
 
 def load_run_state(run_dir: Path) -> dict[str, torch.Tensor]:
     config = TrainConfig.load(run_dir / "config.json")
-    model = SSLMetaArch(config.model, config.heads, config.loss, img_size=config.crops.global_size)
+    model = SSLMetaArch.from_config(config)
     ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), model, optimizer=None)
     return model.state_dict()
 
@@ -119,7 +119,7 @@ def test_continued_pretraining_starts_from_weights_and_freezes_the_backbone(nois
         torch.testing.assert_close(state[f"teacher.backbone.{key}"], value, rtol=0, atol=0)
     config = tiny_config(noise_images, tmp_path)
     torch.manual_seed(config.run.seed)  # as train() does: the heads the run started from
-    fresh = SSLMetaArch(config.model, config.heads, config.loss, img_size=config.crops.global_size)
+    fresh = SSLMetaArch.from_config(config)
     assert any(
         not torch.equal(state[f"student.{k}"], v) for k, v in fresh.student.state_dict().items() if "head" in k
     ), "the heads should have trained"

@@ -99,8 +99,18 @@ class SegmentationSet:
         return len(self.images)
 
     def read_mask(self, index: int) -> np.ndarray:
-        """Train ids of one mask, ``[H, W]`` uint8 (``IGNORE_INDEX`` = not scored)."""
-        return read_label(self.masks[index], self.lookup)
+        """Train ids of one mask, ``[H, W]`` uint8 (``IGNORE_INDEX`` = not scored); a value that is neither a class
+        id below ``num_classes`` nor ignored raises ``ValueError`` naming the file (it would otherwise fail deep in
+        the loss, or be scored as a wrong class)."""
+        label = read_label(self.masks[index], self.lookup)
+        bad = label[(label >= self.num_classes) & (label != IGNORE_INDEX)]
+        if bad.size:
+            raise ValueError(
+                f"{self.masks[index]}: mask values {sorted(set(bad.tolist()))[:5]} are not class ids of this "
+                f"{self.num_classes}-class set (0..{self.num_classes - 1}, {IGNORE_INDEX} = ignore); check "
+                "--num-classes (or --reduce-zero-label when 0 means 'ignore')"
+            )
+        return label
 
 
 def read_label(path: str | os.PathLike, lookup: np.ndarray) -> np.ndarray:
