@@ -97,7 +97,7 @@ def heads_warmup_config(config: TrainConfig, backbone: nn.Module) -> TrainConfig
         stop_after_iters=0,
         checkpoint_every=min(config.run.checkpoint_every, iters),
     )
-    masking = dataclasses.replace(config.masking, sample_probability=0.5)
+    masking = type(config.masking)()  # the heads learn from the usual masked pretraining step
     return dataclasses.replace(
         config, model=model, crops=crops, optim=optim, run=run, masking=masking, distill=type(config.distill)()
     )

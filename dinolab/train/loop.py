@@ -187,20 +187,20 @@ def _train(config: TrainConfig, guard: RunGuard) -> TrainResult:
             apply_schedules(optimizer, lr=values["lr"], wd=values["wd"], last_layer_lr=values["last_layer_lr"])
             torch.manual_seed(step_seed(run_cfg.seed, step, env.rank))
             freeze_backbone = step < optim_cfg.freeze_backbone_iters
+            done = step + 1
+            logging_step = done % run_cfg.log_every == 0 or done == stop_at  # also computes the target health
 
             # 2-3. forward/backward over the micro-batches, clip, step, EMA
             micro_batches = data.next_batches(optim_cfg.accumulation_steps, env.device)
             try:
-                logging_step = (step + 1) % run_cfg.log_every == 0 or step + 1 == stop_at
                 sums, step_stats = train_step(step_ctx, micro_batches, values, freeze_backbone, logging_step)
             except NonFiniteLossError as error:
                 raise NonFiniteLossError(_non_finite_message(step, error.args[0], run_dir)) from None
 
             # 4. log
             window_images += global_batch
-            done = step + 1
             progress.update(1)
-            if done % run_cfg.log_every == 0 or done == stop_at:
+            if logging_step:
                 elapsed = time.perf_counter() - window_start
                 losses = {
                     f"loss/{k}": float(all_reduce_mean(torch.tensor(v, device=env.device))) for k, v in sums.items()

@@ -348,7 +348,6 @@ def _init_heads_from_teacher(student: nn.ModuleDict, teacher: nn.ModuleDict) -> 
             continue
         if name not in teacher:
             raise ValueError(f"the distillation teacher has no {name}; its heads must match the student's layout")
-        source = teacher[name].state_dict()
-        target = head.state_dict()
-        if all(source[k].shape == v.shape for k, v in target.items() if k in source) and source.keys() == target.keys():
+        source, target = teacher[name].state_dict(), head.state_dict()
+        if all(k in source and source[k].shape == v.shape for k, v in target.items()):
             head.load_state_dict(source)
