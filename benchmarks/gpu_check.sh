@@ -79,10 +79,10 @@ timeout 90 torchrun --standalone --nproc-per-node=1 -m dinolab train --recipe cp
 echo "== training-step ladder"
 timeout 240 python3 benchmarks/train_step.py --compare --device cuda --batch-size 32 --steps 5 --warmup 2 \
   | tee "$OUT/train_step_cuda.txt"
-echo "== + torch.compile of the blocks (without, then with activation checkpointing)"
-for extra in "" "--activation-checkpointing"; do
+echo "== + torch.compile of the blocks (no, selective, full activation checkpointing)"
+for extra in none selective full; do
   timeout 150 python3 benchmarks/train_step.py --device cuda --batch-size 32 --steps 5 --warmup 3 --fused-adamw \
-    --dtype bf16 --compile $extra | tee -a "$OUT/train_step_cuda.txt"
+    --dtype bf16 --compile --activation-checkpointing $extra | tee -a "$OUT/train_step_cuda.txt"
 done
 
 echo "== inference vs timm"

@@ -12,6 +12,10 @@ ratios against the baseline:
 
     python benchmarks/train_step.py --compare --arch vit_small --batch-size 8 --device cpu
 
+With ``lightly`` installed (``pip install lightly``; dev-only), ``--compare`` adds the same step assembled from
+lightly's DINOv2 components and timm's ViT (benchmarks/peer_lightly.py) and prints dinolab's default step (no
+flags: what the trainer runs) against it and against the baseline. ``--rows 0,10,lightly`` runs only those rows.
+
 Random data and weights; nothing is downloaded. CPU memory is the peak resident set size of the process;
 CUDA memory is ``torch.cuda.max_memory_allocated`` over the timed steps.
 """
@@ -19,23 +23,25 @@ CUDA memory is ``torch.cuda.max_memory_allocated`` over the timed steps.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from naive_meta_arch import IBOTStyleMetaArch  # benchmarks/: the script's own folder is on sys.path
+from step_timer import time_steps
 
-from dinolab.data.augmentation import MultiCropViews
+from dinolab.data.augmentation import AugmentationConfig, MultiCropViews
 from dinolab.data.collate import Batch, collate_views
 from dinolab.data.masking import MaskingGenerator
-from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, OptimConfig
+from dinolab.runtime import reuse_freed_memory
+from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from dinolab.train.loop import StepContext, train_step
 from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.train.parallel import apply_activation_checkpointing, choose_activation_checkpointing
 from dinolab.train.param_groups import apply_schedules, get_param_groups
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -64,17 +70,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--heads-on-all-patches", action="store_true", help="heads on every token, dense iBOT loss (the iBOT code)"
     )
     parser.add_argument("--no-chunked-loss", action="store_true", help="hold the full [rows, K] student logits")
-    parser.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel")
+    parser.add_argument(
+        "--fused-adamw", action="store_true", help="torch's fused AdamW kernel (default: on CUDA only, as the trainer)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument(
+        "--activation-checkpointing",
+        choices=["auto", "none", "selective", "full"],
+        default="auto",
+        help="as run.activation_checkpointing (auto: what the trainer chooses for this step and device)",
+    )
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="CPU: leave glibc's allocator as it is (the trainer sets dinolab.runtime.reuse_freed_memory)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for the MFU (CUDA)")
     parser.add_argument("--compare", action="store_true", help="baseline and each technique, as a table")
     parser.add_argument("--fp32-only", action="store_true", help="with --compare: leave out the bf16 row")
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="with --compare: only these rows (ladder indices from 0, and 'lightly'), e.g. 0,10,lightly",
+    )
     args = parser.parse_args(argv)
     if args.baseline:
         args.no_packing = args.drop_path_by_zeroing = args.heads_on_all_patches = args.no_chunked_loss = True
-        args.fused_adamw = args.compile = args.activation_checkpointing = False
-        args.dtype = "fp32"
+        args.fused_adamw = args.compile = False
+        args.dtype, args.system_malloc, args.activation_checkpointing = "fp32", True, "none"
     return args
 
 
@@ -97,6 +120,8 @@ def random_batch(args: argparse.Namespace, seed: int) -> Batch:
 
 def build(args: argparse.Namespace) -> StepContext:
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.system_malloc:
+        reuse_freed_memory()  # as dinolab.train.loop does
     model_cfg = ModelConfig(
         arch=args.arch,
         patch_size=args.patch_size,
@@ -109,14 +134,24 @@ def build(args: argparse.Namespace) -> StepContext:
     loss = LossConfig(chunked_cross_entropy=not args.no_chunked_loss)
     arch = IBOTStyleMetaArch if args.heads_on_all_patches else SSLMetaArch
     model = arch(model_cfg, heads, loss, img_size=args.global_size).to(device)
-    if args.activation_checkpointing:
-        for block in model.student["backbone"].blocks:
-            block.activation_checkpointing = True
+    config = TrainConfig(
+        model=model_cfg,
+        heads=heads,
+        loss=loss,
+        crops=AugmentationConfig(
+            global_size=args.global_size, local_size=args.local_size, local_crops_number=args.local_crops
+        ),
+        optim=OptimConfig(batch_size_per_process=args.batch_size),
+        run=RunConfig(activation_checkpointing=args.activation_checkpointing, dtype=args.dtype),
+    )
+    args.activation_checkpointing = choose_activation_checkpointing(config, model, device)
+    apply_activation_checkpointing(model, args.activation_checkpointing)
     if args.compile:
         for net in (model.student, model.teacher):
             for block in net["backbone"].blocks:
                 block.compile_body()
     groups = get_param_groups(model.student, num_blocks=model.student["backbone"].n_blocks)
+    args.fused_adamw = args.fused_adamw or device.type == "cuda"  # the trainer's choice (slower on CPUs)
     optimizer = torch.optim.AdamW(groups, fused=True if args.fused_adamw else None)
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -131,29 +166,21 @@ def count_flops(ctx: StepContext, batch: Batch, values: dict[str, float]) -> int
     return counter.get_total_flops()
 
 
-def run_one(args: argparse.Namespace) -> dict:
+def prepare(args: argparse.Namespace) -> tuple[StepContext, list[Batch], dict[str, float]]:
+    """The step, two random batches on its device and the schedule values it reads."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ctx = build(args)
     batches = [random_batch(args, seed).to(ctx.device) for seed in range(2)]
-    values = {"teacher_temp": 0.07, "momentum": 0.994}
+    return ctx, batches, {"teacher_temp": 0.07, "momentum": 0.994}
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    ctx, batches, values = prepare(args)
     cuda = ctx.device.type == "cuda"
-    times = []
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup and cuda:
-            torch.cuda.reset_peak_memory_stats()
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_step(ctx, [batches[step % 2]], values)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step_time = statistics.median(times)
-    peak_mb = (
-        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step_time, peak_mb = time_steps(
+        lambda index: train_step(ctx, [batches[index % 2]], values), ctx.device, args.warmup, args.steps
     )
     result = {
         "step_time_s": round(step_time, 4),
@@ -174,6 +201,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "fused_adamw": args.fused_adamw,
         "compile": args.compile,
         "activation_checkpointing": args.activation_checkpointing,
+        "reuse_freed_memory": ctx.device.type == "cpu" and not args.system_malloc,
         "torch": torch.__version__,
     }
     if cuda:
@@ -184,27 +212,42 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
-# Each row adds one technique to the previous row.
+# Each row adds one technique to the previous row; the last is the step as the trainer runs it with no flags.
+_OFF = ["--activation-checkpointing", "none", "--system-malloc"]
 LADDER: list[tuple[str, list[str]]] = [
     ("baseline (iBOT-style, fp32)", ["--baseline"]),
-    ("+ heads on CLS and masked tokens only", ["--no-packing", "--drop-path-by-zeroing", "--no-chunked-loss"]),
-    ("+ efficient stochastic depth", ["--no-packing", "--no-chunked-loss"]),
-    ("+ sequence packing", ["--no-chunked-loss"]),
-    ("+ fused AdamW", ["--fused-adamw", "--no-chunked-loss"]),
-    ("+ chunked prototype cross-entropy", ["--fused-adamw"]),
-    ("+ activation checkpointing", ["--fused-adamw", "--activation-checkpointing"]),
-    ("+ bf16 autocast", ["--fused-adamw", "--activation-checkpointing", "--dtype", "bf16"]),
+    ("+ heads on CLS and masked tokens only", ["--no-packing", "--drop-path-by-zeroing", "--no-chunked-loss", *_OFF]),
+    ("+ efficient stochastic depth", ["--no-packing", "--no-chunked-loss", *_OFF]),
+    ("+ sequence packing", ["--no-chunked-loss", *_OFF]),
+    ("+ fused AdamW", ["--fused-adamw", "--no-chunked-loss", *_OFF]),
+    ("+ chunked prototype cross-entropy", ["--fused-adamw", *_OFF]),
+    ("+ freed memory reused (CPU allocator)", ["--fused-adamw", "--activation-checkpointing", "none"]),
+    ("+ selective activation checkpointing", ["--fused-adamw", "--activation-checkpointing", "selective"]),
+    ("+ full activation checkpointing", ["--fused-adamw", "--activation-checkpointing", "full"]),
+    ("+ bf16 autocast", ["--fused-adamw", "--activation-checkpointing", "full", "--dtype", "bf16"]),
+    ("dinolab's default step (no flags)", []),
 ]
 
 
-def compare(argv: list[str]) -> None:
+def compare(argv: list[str], rows_wanted: str) -> None:
+    """Run the ladder (or the rows ``rows_wanted`` names: ladder indices and ``lightly``), each row in its own
+    process, then the peer step when ``lightly`` is installed; print a table of ratios against the baseline and
+    dinolab's default step against the peer."""
     shared = [a for a in argv if a not in ("--compare", "--fp32-only")]
-    ladder = [(n, f) for n, f in LADDER if not ("--fp32-only" in argv and "bf16" in f)]
+    if "--rows" in shared:
+        del shared[shared.index("--rows") : shared.index("--rows") + 2]
+    wanted = set(rows_wanted.split(",")) if rows_wanted else None
+    ladder = [
+        (name, [sys.executable, __file__, *shared, *flags])
+        for index, (name, flags) in enumerate(LADDER)
+        if not ("--fp32-only" in argv and "bf16" in flags) and (wanted is None or str(index) in wanted)
+    ]
+    if importlib.util.find_spec("lightly") and (wanted is None or "lightly" in wanted):
+        peer = Path(__file__).with_name("peer_lightly.py")
+        ladder.append((PEER_ROW, [sys.executable, str(peer), *shared]))
     rows = []
-    for name, flags in ladder:
-        output = subprocess.run(
-            [sys.executable, __file__, *shared, *flags], check=True, capture_output=True, text=True
-        ).stdout
+    for name, command in ladder:
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         rows.append((name, result))
         print(json.dumps({"config": name, **result}), flush=True)
@@ -218,13 +261,25 @@ def compare(argv: list[str]) -> None:
             f"| {name} | {r['step_time_s']:.3f} | {r['images_per_s']:.2f} | {r['peak_memory_mb']:.0f} "
             f"| {speedup:.2f}x | {memory:.2f} |"
         )
+    named = dict(rows)
+    default = named.get(LADDER[-1][0])
+    for reference in (LADDER[0][0], PEER_ROW):
+        if default and reference in named:
+            other = named[reference]
+            print(
+                f"\ndinolab's default step vs {reference}: {other['step_time_s'] / default['step_time_s']:.2f}x "
+                f"its speed, {default['peak_memory_mb'] / other['peak_memory_mb']:.2f} of its peak memory"
+            )
+
+
+PEER_ROW = "peer: lightly's DINOv2 components + timm ViT (benchmarks/peer_lightly.py)"
 
 
 def main() -> None:
     argv = sys.argv[1:]
     args = parse_args(argv)
     if args.compare:
-        compare(argv)
+        compare(argv, args.rows)
     else:
         print(json.dumps(run_one(args)), flush=True)
 

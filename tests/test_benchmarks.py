@@ -20,12 +20,34 @@ def _json_line(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("flags", [["--baseline"], ["--activation-checkpointing"], ["--no-chunked-loss"]])
+@pytest.mark.parametrize(
+    "flags",
+    [["--baseline"], ["--activation-checkpointing", "full"], ["--activation-checkpointing", "selective"],
+     ["--no-chunked-loss"]],
+)  # fmt: skip
 def test_train_step_benchmark_prints_one_json_line(flags: list[str]) -> None:
     record = _json_line(str(BENCHMARKS / "train_step.py"), *TINY_STEP, *flags)
     assert record["step_time_s"] > 0 and record["peak_memory_mb"] > 0
     assert record["chunked_loss"] is not ("--baseline" in flags or "--no-chunked-loss" in flags)
     assert record["heads_on_masked_only"] is ("--baseline" not in flags)
+    # the mode the step ran with: as asked, none for the baseline, and auto resolved (a tiny step: none)
+    assert record["activation_checkpointing"] == (flags[1] if len(flags) == 2 else "none")
+
+
+def test_profile_step_splits_the_step_into_the_trainers_phases(tmp_path: Path) -> None:
+    record = _json_line(str(BENCHMARKS / "profile_step.py"), *TINY_STEP, "--out", str(tmp_path))
+    assert record["gflop_per_step"] > 0 and 0 < record["fraction_of_matmul_rate"]
+    phases = (tmp_path / "phases.md").read_text()
+    for phase in ("teacher", "student_backbone", "heads_and_losses", "backward", "optimizer", "ema"):
+        assert f"| {phase} |" in phases
+    assert "matrix products" in (tmp_path / "operators.md").read_text() and (tmp_path / "trace.json").is_file()
+
+
+def test_the_lightly_peer_step_runs_when_lightly_is_installed() -> None:
+    pytest.importorskip("lightly")
+    # an 8 x 8 patch grid: lightly's block masking needs more patches than the tiny step's 4 x 4
+    record = _json_line(str(BENCHMARKS / "peer_lightly.py"), *TINY_STEP, "--global-size", "56")
+    assert record["step_time_s"] > 0 and record["peer"].startswith("lightly")
 
 
 def test_inference_benchmark_compares_with_timm_on_the_same_weights() -> None:

@@ -2,18 +2,19 @@
 
 With K = 65536 prototypes the logits of a few hundred masked patches, their log-softmax, the product with the
 targets and the gradients of each are ~180 MB apiece at fp32 per 700 rows. Here the prototype layer and the loss run
-chunk by chunk under activation checkpointing: the forward keeps only each row's loss, the backward recomputes
-one chunk's logits at a time. The extra cost is one ``[chunk, D] x [D, K]`` matmul per chunk.
+chunk by chunk in one autograd function with its gradient written out: the forward keeps only each row's loss and
+log-sum-exp, the backward recomputes one chunk's logits at a time and turns them into their gradient in place. The
+extra cost is one ``[chunk, D] x [D, K]`` matmul per chunk (none when everything fits in one chunk).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 
 def default_chunk_elements(device: torch.device) -> int:
@@ -34,46 +35,112 @@ def prototype_cross_entropy(
     Args:
         features: ``[R, D]`` the rows (the head's L2-normalised bottleneck features).
         prototypes: ``[K, D]`` the prototype layer's weight.
-        targets: ``[R, K]`` probabilities, or consecutive segments ``[R_i, K]`` with ``sum R_i = R`` (so targets
-            kept apart, or one tensor repeated, need not be concatenated into a copy).
+        targets: ``[R, K]`` probabilities (or sums of probabilities: any non-negative weights), or consecutive
+            segments ``[R_i, K]`` with ``sum R_i = R`` (so targets kept apart, or one tensor repeated, need not be
+            concatenated into a copy). Constants: no gradient flows to them.
         temp: the softmax temperature.
         chunk_elements: logits held at once (rows per chunk = ``max(1, chunk_elements // K)``); default:
             :func:`default_chunk_elements` of the features' device.
 
     Returns:
-        ``[R]`` fp32 cross-entropies, differentiable w.r.t. ``features`` and ``prototypes``. The logits keep the
-        dtype the matmul gives (bf16 under autocast) and are cast to fp32 before the softmax, as
-        ``F.log_softmax(logits.float() / temp)`` would.
+        ``[R]`` fp32 cross-entropies, differentiable w.r.t. ``features`` and ``prototypes``. The matmul runs in the
+        autocast dtype when autocast is on (bf16 logits), the softmax and the reduction over K in fp32, as
+        ``F.cross_entropy(logits.float() / temp, targets)`` would.
     """
     segments = [targets] if isinstance(targets, Tensor) else list(targets)
     if chunk_elements is None:
         chunk_elements = default_chunk_elements(features.device)
     _check(features, prototypes, segments, temp, chunk_elements)
+    if features.shape[0] == 0:
+        return features.new_zeros(0, dtype=_loss_dtype(features))
     rows_per_chunk = max(1, chunk_elements // prototypes.shape[0])
-    # recomputing saves memory only when there is more than one chunk: a single chunk's logits are held at the
-    # peak either way, and small heads (a few thousand prototypes) skip the extra matmul
-    several_chunks = features.shape[0] > rows_per_chunk
-    recompute = several_chunks and torch.is_grad_enabled() and (features.requires_grad or prototypes.requires_grad)
-    losses, start = [], 0
-    for target_chunk in _target_chunks(segments, rows_per_chunk):
-        feature_chunk = features[start : start + target_chunk.shape[0]]
-        start += target_chunk.shape[0]
-        if recompute:
-            loss = checkpoint(
-                _rows_cross_entropy,
-                feature_chunk,
-                prototypes,
-                target_chunk,
-                temp,
-                use_reentrant=False,
-                preserve_rng_state=False,  # deterministic: no RNG state to save per chunk
-            )
-        else:
-            loss = _rows_cross_entropy(feature_chunk, prototypes, target_chunk, temp)
-        losses.append(loss)
-    if not losses:
-        return features.new_zeros(0, dtype=torch.float32)
-    return torch.cat(losses)
+    compute_dtype = _matmul_dtype(features)
+    return _PrototypeCrossEntropy.apply(features, prototypes, segments, temp, rows_per_chunk, compute_dtype)
+
+
+class _PrototypeCrossEntropy(torch.autograd.Function):
+    """The loss chunk by chunk, with its gradient written out: ``d loss_r / d z_r = sum(t_r) softmax(z_r) - t_r``
+    for the scaled logits ``z = f W^T / temp``.
+
+    The forward keeps each row's log-sum-exp; the backward recomputes one chunk's logits at a time (or reuses
+    them when there is a single chunk) and turns them into the gradient in place. Per chunk that is one pass
+    over the ``[r, K]`` logits for the exponential and one for the gradient, where autograd through
+    ``log_softmax(logits / temp)`` runs about ten (the division, the log-softmax, the product with the targets,
+    each forward, recomputed and backward), each allocating a new ``[r, K]`` buffer.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        features: Tensor,
+        prototypes: Tensor,
+        segments: list[Tensor],
+        temp: float,
+        rows_per_chunk: int,
+        compute_dtype: torch.dtype,
+    ) -> Tensor:
+        f, w = features.to(compute_dtype), prototypes.to(compute_dtype)
+        chunks = list(_target_chunks(segments, rows_per_chunk))
+        losses, lse, start = [], [], 0
+        with torch.autocast(f.device.type, enabled=False):  # dtypes are explicit here, in fp32 but for the matmul
+            for target_chunk in chunks:
+                end = start + target_chunk.shape[0]
+                z = _scaled_logits(f[start:end], w, temp)
+                chunk_lse = torch.logsumexp(z, dim=-1)
+                target_chunk = target_chunk.to(z.dtype)
+                losses.append(chunk_lse * target_chunk.sum(-1) - torch.einsum("rk,rk->r", target_chunk, z))
+                lse.append(chunk_lse)
+                start = end
+        # one chunk: its logits are held at the peak anyway, keep them rather than recompute them
+        ctx.saved_logits = z if len(chunks) == 1 else None
+        ctx.segments, ctx.temp, ctx.rows_per_chunk = segments, temp, rows_per_chunk
+        ctx.input_dtypes = (features.dtype, prototypes.dtype)
+        ctx.save_for_backward(f, w, torch.cat(lse))
+        return torch.cat(losses)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        f, w, lse = ctx.saved_tensors
+        grad_f = torch.empty_like(f) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w.shape, dtype=_loss_dtype(w), device=w.device) if ctx.needs_input_grad[1] else None
+        start = 0
+        with torch.autocast(f.device.type, enabled=False):
+            for target_chunk in _target_chunks(ctx.segments, ctx.rows_per_chunk):
+                end = start + target_chunk.shape[0]
+                z = ctx.saved_logits if ctx.saved_logits is not None else _scaled_logits(f[start:end], w, ctx.temp)
+                target_chunk, g = target_chunk.to(z.dtype), grad_loss[start:end, None].to(z.dtype)
+                # z becomes d loss / d logits = g * (sum(t) softmax(z) - t) / temp, in place
+                z.sub_(lse[start:end, None]).exp_().mul_(g * target_chunk.sum(-1, keepdim=True))
+                z.addcmul_(target_chunk, g, value=-1.0).mul_(1.0 / ctx.temp)
+                grad_logits = z.to(f.dtype)
+                if grad_f is not None:
+                    torch.mm(grad_logits, w, out=grad_f[start:end])
+                if grad_w is not None:
+                    grad_w += grad_logits.t() @ f[start:end]
+                start = end
+        ctx.saved_logits = None
+        grad_features = None if grad_f is None else grad_f.to(ctx.input_dtypes[0])
+        grad_prototypes = None if grad_w is None else grad_w.to(ctx.input_dtypes[1])
+        return grad_features, grad_prototypes, None, None, None, None
+
+
+def _scaled_logits(features: Tensor, prototypes: Tensor, temp: float) -> Tensor:
+    """``[r, K]`` fp32 logits ``features @ prototypes.T / temp``, the matmul in the inputs' dtype."""
+    return F.linear(features, prototypes).to(_loss_dtype(features)).mul_(1.0 / temp)
+
+
+def _loss_dtype(tensor: Tensor) -> torch.dtype:
+    """fp32 for the softmax and the reduction over K (fp64 inputs stay fp64)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _matmul_dtype(features: Tensor) -> torch.dtype:
+    """The dtype the logits' matmul runs in: autocast's when it is on for this device, else the features'."""
+    device = features.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return features.dtype
 
 
 def _target_chunks(segments: list[Tensor], rows_per_chunk: int) -> Iterator[Tensor]:
@@ -93,13 +160,6 @@ def _target_chunks(segments: list[Tensor], rows_per_chunk: int) -> Iterator[Tens
                 pieces, rows = [], 0
     if pieces:
         yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _rows_cross_entropy(features: Tensor, prototypes: Tensor, targets: Tensor, temp: float) -> Tensor:
-    logits = F.linear(features, prototypes)  # [r, K], bf16/fp16 under autocast
-    with torch.autocast(logits.device.type, enabled=False):  # the reduction over K in fp32
-        log_probs = F.log_softmax(logits.float() / temp, dim=-1)
-        return -torch.einsum("rk,rk->r", targets.float(), log_probs)  # [r]
 
 
 def _check(features: Tensor, prototypes: Tensor, segments: list[Tensor], temp: float, chunk_elements: int) -> None:

@@ -12,8 +12,6 @@ from torch.nn.utils.parametrizations import weight_norm
 from dinolab.losses.prototypes import prototype_cross_entropy
 
 
-# Key suffixes of the weight-normalised last layer: the deprecated ``torch.nn.utils.weight_norm`` (used by the
-# official checkpoints) vs ``torch.nn.utils.parametrizations.weight_norm`` (used here).
 class DINOHead(nn.Module):
     """MLP projection to ``out_dim`` prototype scores (logits): the DINO and iBOT heads of DINOv2.
 

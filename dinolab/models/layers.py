@@ -11,7 +11,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+CHECKPOINTING_MODES = ("none", "full", "selective")
+"""Activation checkpointing of a block: ``full`` keeps only its input and recomputes everything in backward;
+``selective`` keeps the outputs of its matrix products and attention and recomputes the cheap rest (layer norms,
+GELU, layer scale, residual adds, drop-path gathers): less memory than none, no extra matmul FLOPs."""
+
+
+def _matmul_and_attention_ops() -> list:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention")  # fmt: skip
+    return [getattr(aten, name).default for name in names if hasattr(aten, name)]
 
 
 class PatchEmbed(nn.Module):
@@ -171,6 +184,11 @@ def _unpack(tokens: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
     return [chunk.view(b, t, -1) for chunk, (b, t) in zip(chunks, shapes)]
 
 
+def _save_matmul_outputs() -> tuple:
+    """The context pair torch.utils.checkpoint takes: save matmul and attention outputs, recompute the rest."""
+    return create_selective_checkpoint_contexts(_matmul_and_attention_ops())
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))``.
 
@@ -206,8 +224,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
         self.efficient_drop_path = efficient_drop_path
-        self.activation_checkpointing = False
-        """Recompute this block's activations in backward instead of storing them (set by the trainer)."""
+        self.activation_checkpointing = "none"
+        """One of :data:`CHECKPOINTING_MODES`: which activations are recomputed in backward (set by the trainer)."""
 
     def _attn_branch(self, xs: list[Tensor]) -> list[Tensor]:
         tokens, shapes = _pack(xs)
@@ -223,10 +241,15 @@ class Block(nn.Module):
         self._forward = torch.compile(self._forward, **compile_kwargs)
 
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            # the RNG state is restored for the recomputation, so stochastic depth drops the same samples
+        mode = self.activation_checkpointing
+        if mode == "none" or not (self.training and torch.is_grad_enabled()):
+            return self._forward(x)
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"Block.activation_checkpointing must be one of {CHECKPOINTING_MODES}, got {mode!r}")
+        # the RNG state is restored for the recomputation, so stochastic depth drops the same samples
+        if mode == "full":
             return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return checkpoint(self._forward, x, use_reentrant=False, context_fn=_save_matmul_outputs)
 
     def _forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         xs = x if isinstance(x, list) else [x]

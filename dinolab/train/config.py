@@ -247,8 +247,13 @@ class RunConfig:
     tensorboard: bool = True
     compile: bool = False
     """torch.compile each transformer block."""
-    activation_checkpointing: bool = False
-    """Recompute block activations in backward to fit larger batches."""
+    activation_checkpointing: str = "auto"
+    """Which activations of the student's blocks are recomputed in backward instead of kept: 'none', 'selective'
+    (keep the matmul and attention outputs, recompute the cheap rest: ~45 % less activation memory, no extra
+    matmuls), 'full' (keep only each block's input: least memory, ~1/3 more student compute) or 'auto': from the
+    step's estimated activations, on CPUs selective above 512 MB (else none), on GPUs none when they fit in half of
+    the free memory, else selective when it fits, else full (dinolab.train.parallel.choose_activation_checkpointing).
+    true/false mean full/none."""
     progress: bool = True
     health_warnings: bool = True
     """Warn when the teacher's targets go uniform or collapse (the health statistics are logged regardless)."""
@@ -263,6 +268,13 @@ class RunConfig:
             self.parallel in ("auto", "ddp", "fsdp"), f"run.parallel must be auto, ddp or fsdp, got {self.parallel!r}"
         )
         _check(self.num_workers >= 0, "run.num_workers must be >= 0")
+        legacy = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
+        mode = legacy.get(str(self.activation_checkpointing).strip().lower(), self.activation_checkpointing)
+        object.__setattr__(self, "activation_checkpointing", mode)
+        _check(
+            mode in ("auto", "none", "selective", "full"),
+            f"run.activation_checkpointing must be auto, none, selective or full, got {mode!r}",
+        )
         _check(
             self.data_mode in ("auto", "indexed", "stream"),
             f"run.data_mode must be auto, indexed or stream, got {self.data_mode!r}",

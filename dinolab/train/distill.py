@@ -154,3 +154,16 @@ def build_teacher(source: TeacherSource, load_weights: bool = True) -> nn.Module
     if load_weights:
         load_module_tensors(source.checkpoint, teacher, "teacher.")
     return teacher.requires_grad_(False).eval()
+
+
+def student_ema_momentum(momentum: float, step: int) -> float:
+    """The momentum of the exported student EMA at iteration ``step``: the schedule's, capped by the usual EMA
+    warm-up ``(1 + step) / (10 + step)`` (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, timm's EMA
+    warm-up).
+
+    Without the cap a short distillation exports an average dominated by the student's early weights: the schedule
+    starts at 0.994-0.996 and rises to 1.0, so the EMA stops following the student near the end. Measured on the
+    digits (500 iterations, 3 seeds, docs/distillation.md): the uncapped EMA scored 79.3 k-NN where the student
+    it averaged scored 87.5. For the paper's long runs the cap only binds in the first ~10^4 iterations (and moves
+    the final EMA by less than 10^-4 of a step)."""
+    return min(momentum, (1.0 + step) / (10.0 + step))

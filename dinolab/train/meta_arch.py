@@ -23,6 +23,7 @@ from dinolab.losses import (
 )
 from dinolab.models.heads import DINOHead
 from dinolab.models.vit import DinoVisionTransformer, build_vit, position_interpolation
+from dinolab.runtime import phase
 from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, TrainConfig
 from dinolab.train.health import AGREEMENT_ROWS, feature_spread, target_stats
 
@@ -220,22 +221,24 @@ class SSLMetaArch(nn.Module):
         cfg = self.loss_config
         if self.distillation:
             batch = select_all_patches(batch)
-        teacher = self.teacher_targets(batch, teacher_temp)
+        with phase("teacher"):
+            teacher = self.teacher_targets(batch, teacher_temp)
         dino_targets, ibot_targets = teacher.dino_targets, teacher.ibot_targets
 
         crops = [batch.global_crops] + ([batch.local_crops] if batch.local_crops.shape[0] else [])
         masks = [None if self.distillation else batch.masks] + [None] * (len(crops) - 1)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):
+        with phase("student_backbone"), torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):
             outs = self.student["backbone"].forward_features_list(crops, masks, packed=self.packed_sequences)
         if freeze_backbone:
             outs = [{name: v if v is None else v.detach() for name, v in out.items()} for out in outs]
         global_cls = outs[0]["x_norm_clstoken"]  # [G*B, D]
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outs])  # [(G+L)*B, D], crop-major
         patches = outs[0]["x_norm_patchtokens"]  # [G*B, N, D]
-        dino, ibot = self._student_losses(batch, outs, cls_tokens, patches, dino_targets, ibot_targets)
+        with phase("heads_and_losses"):
+            dino, ibot = self._student_losses(batch, outs, cls_tokens, patches, dino_targets, ibot_targets)
 
         # the prototype losses are fp32 (they reduce over K prototypes); KoLeo and the total too
-        with torch.autocast(global_cls.device.type, enabled=False):
+        with phase("koleo"), torch.autocast(global_cls.device.type, enabled=False):
             koleo = dino.new_zeros(())
             if cfg.koleo_weight > 0:
                 koleo = sum(koleo_loss(chunk) for chunk in global_cls.float().chunk(dino_targets.shape[0]))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dinolab.train.config import RunConfig
+from dinolab.train.config import RunConfig, TrainConfig
 from dinolab.train.distributed import DistEnv
 from dinolab.train.meta_arch import SSLMetaArch
 
@@ -21,10 +21,59 @@ def _backbones(model: SSLMetaArch) -> list[nn.Module]:
     return [model.student["backbone"], model.teacher["backbone"]]
 
 
-def apply_activation_checkpointing(model: SSLMetaArch) -> None:
-    """Recompute each student block's activations in backward (less memory, ~30% more compute)."""
+ACTIVATIONS_PER_TOKEN = {"none": 16, "selective": 9}
+"""Activation elements a student block keeps for backward per token, in units of its width (measured with the
+profiler's allocation count: ~15 and ~8 in tests/models/test_layers.py; 1 with full checkpointing)."""
+
+
+CPU_SELECTIVE_ABOVE = 2**29
+"""On CPUs, checkpoint selectively once the student's activations would exceed 512 MB (below that the memory is
+small and the recomputation's per-operator bookkeeping is not worth it)."""
+
+
+def choose_activation_checkpointing(config: TrainConfig, model: SSLMetaArch, device: torch.device) -> str:
+    """``run.activation_checkpointing``, with 'auto' resolved for this run on ``device``.
+
+    From the student's estimated activations (:data:`ACTIVATIONS_PER_TOKEN` x tokens per step x width x depth).
+    CPUs: 'selective' above :data:`CPU_SELECTIVE_ABOVE`, else 'none' (a CPU step is bound by its matmuls, which
+    selective checkpointing never recomputes: about half the activation memory for a few percent of time;
+    docs/efficiency.md). GPUs: 'none' when the activations fit in half of the free memory left after AdamW's
+    moments, else 'selective' when they fit then, else 'full'.
+    """
+    mode = config.run.activation_checkpointing
+    if mode != "auto":
+        return mode
+    backbone = model.student["backbone"]
+    tokens = student_tokens_per_step(config, backbone.patch_size, backbone.num_register_tokens)
+    element_bytes = 2 if config.run.dtype in ("bf16", "fp16") else 4
+
+    def activation_bytes(candidate: str) -> int:
+        per_block = tokens * backbone.embed_dim * ACTIVATIONS_PER_TOKEN[candidate] * element_bytes
+        return per_block * len(backbone.blocks)
+
+    if device.type != "cuda":
+        return "selective" if activation_bytes("none") > CPU_SELECTIVE_ABOVE else "none"
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    moments_bytes = 2 * 4 * sum(p.numel() for p in model.student.parameters())
+    budget = free_bytes / 2 - moments_bytes
+    for candidate in ("none", "selective"):
+        if activation_bytes(candidate) <= budget:
+            return candidate
+    return "full"
+
+
+def student_tokens_per_step(config: TrainConfig, patch_size: int, registers: int) -> int:
+    """Tokens the student processes per step and process: every global and local crop of the micro-batch."""
+    crops = config.crops
+    per_image = 2 * ((crops.global_size // patch_size) ** 2 + 1 + registers)
+    per_image += crops.local_crops_number * ((crops.local_size // patch_size) ** 2 + 1 + registers)
+    return config.optim.batch_size_per_process * per_image
+
+
+def apply_activation_checkpointing(model: SSLMetaArch, mode: str = "full") -> None:
+    """Set the student blocks' activation checkpointing (``none``, ``selective`` or ``full``; see Block)."""
     for block in model.student["backbone"].blocks:
-        block.activation_checkpointing = True
+        block.activation_checkpointing = mode
 
 
 def apply_compile(model: SSLMetaArch) -> None:
@@ -67,11 +116,13 @@ def apply_fsdp(model: SSLMetaArch, dtype: str) -> None:
 def parallelize(model: SSLMetaArch, env: DistEnv, run: RunConfig, may_skip_parameters: bool = False) -> Callable:
     """Returns the callable the loop runs forward through (the model itself, or its DDP wrapper).
 
+    ``run.activation_checkpointing`` must be resolved (not 'auto': see :func:`choose_activation_checkpointing`).
     ``may_skip_parameters``: some steps leave trainable parameters without gradient (a heads-only warm-up, a
     separate iBOT head on a process without masked patches); DDP must then look for them (a small cost).
     """
-    if run.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if run.activation_checkpointing == "auto":
+        raise ValueError("parallelize needs run.activation_checkpointing resolved; see choose_activation_checkpointing")
+    apply_activation_checkpointing(model, run.activation_checkpointing)
     if run.compile:
         apply_compile(model)
     import torch.distributed as dist

@@ -51,6 +51,43 @@ def test_bf16_autocast_matches_a_bf16_matmul_with_fp32_softmax() -> None:
     torch.testing.assert_close(ours, F.cross_entropy(logits.float() / 0.1, targets, reduction="none"))
 
 
+@pytest.mark.parametrize("chunk_elements", [60, 10**6])
+def test_bf16_autocast_gradients_match_autograd_through_the_same_casts(chunk_elements: int) -> None:
+    """The backward written out equals autograd through ``bf16 matmul -> fp32 log-softmax``; backward() called
+    inside the autocast region, as the trainer does."""
+    features, prototypes, targets = _inputs()
+    weights = torch.rand(features.shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = prototype_cross_entropy(features, prototypes, targets, temp=0.1, chunk_elements=chunk_elements)
+        ours_grads = torch.autograd.grad((ours * weights).sum(), [features, prototypes])
+    logits = features.bfloat16() @ prototypes.bfloat16().T
+    ref = -(targets * F.log_softmax(logits.float() / 0.1, dim=-1)).sum(-1)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [features, prototypes])
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)  # bf16 gradients: rounding of the [r, K] products
+
+
+@pytest.mark.parametrize("chunk_elements", [50, 7 * 50 + 11, 10**6])
+def test_gradcheck_with_unnormalised_target_weights(chunk_elements: int) -> None:
+    """Numerical gradients in float64, with targets that sum to more than 1 (the DINO loss sums the targets of
+    the other views) and a loss weighted per row."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(9, 5, generator=g, dtype=torch.float64).requires_grad_()
+    prototypes = torch.randn(50, 5, generator=g, dtype=torch.float64).requires_grad_()
+    targets = torch.rand(9, 50, generator=g, dtype=torch.float64) * 3
+
+    def loss(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return prototype_cross_entropy(f, w, [targets[:4], targets[4:]], temp=0.3, chunk_elements=chunk_elements)
+
+    assert torch.autograd.gradcheck(loss, (features, prototypes))
+    torch.testing.assert_close(
+        loss(features, prototypes).float(),
+        -(targets * F.log_softmax(features @ prototypes.T / 0.3, dim=-1)).sum(-1).float(),
+    )
+
+
 def test_without_grad_and_with_no_rows() -> None:
     features, prototypes, targets = _inputs()
     with torch.no_grad():

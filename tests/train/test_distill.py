@@ -17,8 +17,9 @@ from dinolab.hub import load_backbone
 from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train import checkpoint as ckpt
 from dinolab.train.config import ConfigError, TrainConfig, apply_overrides
-from dinolab.train.distill import TEACHER_HEADS_DIR, build_teacher, prepare_teacher
-from dinolab.train.loop import STUDENT_BACKBONE, TEACHER_BACKBONE, load_run_backbone, train
+from dinolab.train.distill import TEACHER_HEADS_DIR, build_teacher, prepare_teacher, student_ema_momentum
+from dinolab.train.logger import read_metrics
+from dinolab.train.loop import STUDENT_BACKBONE, TEACHER_BACKBONE, load_run_backbone, make_schedules, train
 from dinolab.train.meta_arch import SSLMetaArch, select_all_patches
 from dinolab.train.recipes import get_recipe
 
@@ -85,6 +86,21 @@ def test_the_exported_model_is_the_students_ema(distilled):
     for key, value in from_run.state_dict().items():
         torch.testing.assert_close(value, exported[key], rtol=0, atol=0, msg=key)
     assert not (distilled / TEACHER_BACKBONE).exists()
+
+
+def test_the_student_ema_momentum_is_warmed_up_like_tensorflows_ema(distilled):
+    """TensorFlow's ExponentialMovingAverage(decay, num_updates): decay = min(decay, (1 + n) / (10 + n))."""
+    assert student_ema_momentum(0.996, 0) == pytest.approx(0.1)
+    assert student_ema_momentum(0.996, 90) == pytest.approx(0.91)
+    assert student_ema_momentum(0.996, 10**6) == 0.996
+    assert student_ema_momentum(1.0, 500) == pytest.approx(501 / 510)
+    config = TrainConfig.load(distilled / "config.json")
+    schedules = make_schedules(config, config.optim.batch_size_per_process)
+    logged = [(m["step"], m["momentum"]) for m in read_metrics(distilled)]
+    assert logged
+    for done, momentum in logged:  # the logged step is the iteration just done
+        expected = min(schedules.momentum(done - 1), done / (9 + done))
+        assert momentum == pytest.approx(expected, abs=1e-12)
 
 
 def test_student_sees_unmasked_crops_without_stochastic_depth(noise_images, teacher_run, tmp_path, monkeypatch):

@@ -92,7 +92,11 @@ def make_context(mode: str) -> StepContext:
         img_size=28,
     )
     env = DistEnv(rank=dist.get_rank(), world_size=WORLD) if dist.is_initialized() else DistEnv()
-    forward = parallelize(model, env, RunConfig(parallel=mode)) if mode != "single" else model
+    forward = (
+        parallelize(model, env, RunConfig(parallel=mode, activation_checkpointing="none"))
+        if mode != "single"
+        else model
+    )
     optimizer = torch.optim.AdamW(get_param_groups(model.student, num_blocks=2))
     apply_schedules(optimizer, lr=1e-3, wd=0.04, last_layer_lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
