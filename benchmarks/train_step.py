@@ -14,7 +14,9 @@ ratios against the baseline:
 
 With ``lightly`` installed (``pip install lightly``; dev-only), ``--compare`` adds the same step assembled from
 lightly's DINOv2 components and timm's ViT (benchmarks/peer_lightly.py) and prints dinolab's default step (no
-flags: what the trainer runs) against it and against the baseline. ``--rows 0,10,lightly`` runs only those rows.
+flags: what the trainer runs) against it and against the baseline; ``--ibot-repo PATH`` (a checkout of
+github.com/bytedance/ibot) adds the official iBOT code's step (benchmarks/peer_ibot.py). ``--rows 0,10,lightly,ibot``
+runs only those rows.
 
 Random data and weights; nothing is downloaded. CPU memory is the peak resident set size of the process;
 CUDA memory is ``torch.cuda.max_memory_allocated`` over the timed steps.
@@ -88,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for the MFU (CUDA)")
     parser.add_argument("--compare", action="store_true", help="baseline and each technique, as a table")
     parser.add_argument("--fp32-only", action="store_true", help="with --compare: leave out the bf16 row")
+    parser.add_argument(
+        "--ibot-repo", default="", help="with --compare: a checkout of the iBOT code, for its row (peer_ibot.py)"
+    )
     parser.add_argument(
         "--rows",
         default="",
@@ -229,10 +234,10 @@ LADDER: list[tuple[str, list[str]]] = [
 ]
 
 
-def compare(argv: list[str], rows_wanted: str) -> None:
-    """Run the ladder (or the rows ``rows_wanted`` names: ladder indices and ``lightly``), each row in its own
-    process, then the peer step when ``lightly`` is installed; print a table of ratios against the baseline and
-    dinolab's default step against the peer."""
+def compare(argv: list[str], rows_wanted: str, ibot_repo: str = "") -> None:
+    """Run the ladder (or the rows ``rows_wanted`` names: ladder indices, ``lightly``, ``ibot``), each row in its
+    own process, then the peer steps (lightly's when it is installed, the iBOT code's with ``ibot_repo``); print a
+    table of ratios against the baseline and dinolab's default step against each reference."""
     shared = [a for a in argv if a not in ("--compare", "--fp32-only")]
     if "--rows" in shared:
         del shared[shared.index("--rows") : shared.index("--rows") + 2]
@@ -245,6 +250,8 @@ def compare(argv: list[str], rows_wanted: str) -> None:
     if importlib.util.find_spec("lightly") and (wanted is None or "lightly" in wanted):
         peer = Path(__file__).with_name("peer_lightly.py")
         ladder.append((PEER_ROW, [sys.executable, str(peer), *shared]))
+    if ibot_repo and (wanted is None or "ibot" in wanted):
+        ladder.append((IBOT_ROW, [sys.executable, str(Path(__file__).with_name("peer_ibot.py")), *shared]))
     rows = []
     for name, command in ladder:
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -263,7 +270,7 @@ def compare(argv: list[str], rows_wanted: str) -> None:
         )
     named = dict(rows)
     default = named.get(LADDER[-1][0])
-    for reference in (LADDER[0][0], PEER_ROW):
+    for reference in (LADDER[0][0], PEER_ROW, IBOT_ROW):
         if default and reference in named:
             other = named[reference]
             print(
@@ -273,13 +280,14 @@ def compare(argv: list[str], rows_wanted: str) -> None:
 
 
 PEER_ROW = "peer: lightly's DINOv2 components + timm ViT (benchmarks/peer_lightly.py)"
+IBOT_ROW = "peer: the iBOT code's step (benchmarks/peer_ibot.py)"
 
 
 def main() -> None:
     argv = sys.argv[1:]
     args = parse_args(argv)
     if args.compare:
-        compare(argv, args.rows)
+        compare(argv, args.rows, args.ibot_repo)
     else:
         print(json.dumps(run_one(args)), flush=True)
 
