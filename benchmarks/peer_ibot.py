@@ -17,7 +17,6 @@ when missing, since the step never calls them. Prints one JSON line like train_s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import types
@@ -25,27 +24,17 @@ import types
 import numpy as np
 import torch
 import torch.distributed as dist
-from step_timer import time_steps  # benchmarks/: the script's own folder is on sys.path
-
-WIDTHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+from step_timer import (  # benchmarks/: the script's own folder is on sys.path
+    PEER_WIDTHS,
+    peer_step_arguments,
+    print_peer_record,
+    time_steps,
+)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = peer_step_arguments(__doc__)
     parser.add_argument("--ibot-repo", required=True, help="a checkout of github.com/bytedance/ibot")
-    parser.add_argument("--arch", choices=list(WIDTHS), default="vit_small")
-    parser.add_argument("--patch-size", type=int, default=14)
-    parser.add_argument("--depth", type=int, default=0, help="0 = the variant's depth")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--local-size", type=int, default=98)
-    parser.add_argument("--local-crops", type=int, default=8)
-    parser.add_argument("--prototypes", type=int, default=65536)
-    parser.add_argument("--drop-path", type=float, default=0.3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0)
     return parser.parse_known_args()[0]  # train_step.py's other flags do not apply here
 
 
@@ -69,7 +58,7 @@ def import_ibot(repo: str) -> types.SimpleNamespace:
 
 def build(args: argparse.Namespace, ibot: types.SimpleNamespace):
     device = torch.device(args.device)
-    dim, depth, heads = WIDTHS[args.arch]  # as the repository's models.vit_* functions build them
+    dim, depth, heads = PEER_WIDTHS[args.arch]  # as the repository's models.vit_* functions build them
     vit = dict(
         patch_size=args.patch_size, embed_dim=dim, depth=args.depth or depth, num_heads=heads, mlp_ratio=4,
         qkv_bias=True, return_all_tokens=True,
@@ -144,21 +133,7 @@ def main() -> None:
     step_time, peak_mb = time_steps(
         lambda index: step(student, teacher, loss_fn, optimizer, images, masks, ibot), device, args.warmup, args.steps
     )
-    print(
-        json.dumps(
-            {
-                "step_time_s": round(step_time, 4),
-                "images_per_s": round(args.batch_size / step_time, 2),
-                "peak_memory_mb": round(peak_mb, 1),
-                "arch": args.arch,
-                "batch_size": args.batch_size,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "peer": f"iBOT code ({os.path.abspath(args.ibot_repo)})",
-            }
-        ),
-        flush=True,
-    )
+    print_peer_record(args, step_time, peak_mb, f"iBOT code ({os.path.abspath(args.ibot_repo)})")
     dist.destroy_process_group()
 
 

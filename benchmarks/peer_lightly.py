@@ -19,30 +19,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 
 import torch
-from step_timer import time_steps  # benchmarks/: the script's own folder is on sys.path
+from step_timer import (  # benchmarks/: the script's own folder is on sys.path
+    PEER_WIDTHS,
+    peer_step_arguments,
+    print_peer_record,
+    time_steps,
+)
 from torch import nn
-
-WIDTHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=list(WIDTHS), default="vit_small")
-    parser.add_argument("--patch-size", type=int, default=14)
-    parser.add_argument("--depth", type=int, default=0, help="0 = the variant's depth")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--local-size", type=int, default=98)
-    parser.add_argument("--local-crops", type=int, default=8)
-    parser.add_argument("--prototypes", type=int, default=65536)
-    parser.add_argument("--drop-path", type=float, default=0.3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0)
+    parser = peer_step_arguments(__doc__)
     return parser.parse_known_args()[0]  # train_step.py's other flags do not apply here
 
 
@@ -53,7 +42,7 @@ class LightlyDINOv2(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
 
         super().__init__()
-        dim, depth, heads = WIDTHS[args.arch]
+        dim, depth, heads = PEER_WIDTHS[args.arch]
         vit = VisionTransformer(
             img_size=args.global_size,
             patch_size=args.patch_size,
@@ -143,21 +132,7 @@ def main() -> None:
     import lightly
     import timm
 
-    print(
-        json.dumps(
-            {
-                "step_time_s": round(step_time, 4),
-                "images_per_s": round(args.batch_size / step_time, 2),
-                "peak_memory_mb": round(peak_mb, 1),
-                "arch": args.arch,
-                "batch_size": args.batch_size,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "peer": f"lightly {lightly.__version__} + timm {timm.__version__}",
-            }
-        ),
-        flush=True,
-    )
+    print_peer_record(args, step_time, peak_mb, f"lightly {lightly.__version__} + timm {timm.__version__}")
 
 
 if __name__ == "__main__":

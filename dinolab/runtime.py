@@ -385,8 +385,8 @@ def reuse_freed_memory() -> bool:
 
     By default glibc serves every allocation above its mmap threshold (at most 32 MB) with a new ``mmap`` and
     gives it back on free, so a training step that allocates and frees the same large activations and logits each
-    iteration page-faults all of them in again: on the 2-core CPU machine that was ~20 % of a ViT-S/14 step
-    (benchmarks/train_step.py; docs/efficiency.md). Here large blocks come from the heap, and the heap keeps up to
+    iteration page-faults all of them in again: ~20 % of a ViT-S/14 step on the 2-core CPU machine while another
+    job shared it, nothing measurable when it was idle (benchmarks/train_step.py; docs/efficiency.md). Here large blocks come from the heap, and the heap keeps up to
     2 GB of freed memory at its top. The peak resident set is unchanged (measured); memory freed after the loop
     is reused by the process rather than returned to the system. Process-wide and irreversible; returns whether it
     applied (False on other C libraries)."""

@@ -138,7 +138,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, guard: RunGuard) -> TrainResult:
     env = init_distributed(config.run.device)
     if env.device.type == "cpu":
-        reuse_freed_memory()  # ~20 % of a CPU step was page faults on freshly mapped activations
+        reuse_freed_memory()  # on a busy CPU ~20 % of a step went to page faults on fresh activations
     run_dir = Path(config.run.output_dir)
     teacher = None
     if config.distill.enabled:  # may first warm up a backbone-only teacher's heads (a run of its own)
