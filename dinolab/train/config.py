@@ -270,7 +270,7 @@ class RunConfig:
         _check(self.num_workers >= 0, "run.num_workers must be >= 0")
         legacy = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
         mode = legacy.get(str(self.activation_checkpointing).strip().lower(), self.activation_checkpointing)
-        object.__setattr__(self, "activation_checkpointing", mode)
+        self.activation_checkpointing = mode
         _check(
             mode in ("auto", "none", "selective", "full"),
             f"run.activation_checkpointing must be auto, none, selective or full, got {mode!r}",

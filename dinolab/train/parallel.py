@@ -70,7 +70,7 @@ def student_tokens_per_step(config: TrainConfig, patch_size: int, registers: int
     return config.optim.batch_size_per_process * per_image
 
 
-def apply_activation_checkpointing(model: SSLMetaArch, mode: str = "full") -> None:
+def apply_activation_checkpointing(model: SSLMetaArch, mode: str) -> None:
     """Set the student blocks' activation checkpointing (``none``, ``selective`` or ``full``; see Block)."""
     for block in model.student["backbone"].blocks:
         block.activation_checkpointing = mode
