@@ -75,6 +75,7 @@ def main() -> None:
     dedup = stage("dedup", lambda: D.deduplicate(local, start, len(pool), 0.95, 8, index))
     alive = np.nonzero(dedup.keep)[0]
     kept = local[alive]  # the survivors; their global numbering is only needed for the output
+    local = None  # k-means needs only the survivors: one copy of the block in memory, not two
     counts = [int(c) for c in (D._all_gather_objects(len(kept)))]
     offset = sum(counts[:rank])
     clusters = [int(c) for c in args.clusters.split(",")]

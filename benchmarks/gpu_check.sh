@@ -81,7 +81,7 @@ timeout 240 python3 benchmarks/train_step.py --compare --device cuda --batch-siz
   | tee "$OUT/train_step_cuda.txt"
 echo "== + torch.compile of the blocks (no, selective, full activation checkpointing)"
 for extra in none selective full; do
-  timeout 150 python3 benchmarks/train_step.py --device cuda --batch-size 32 --steps 5 --warmup 3 --fused-adamw \
+  timeout 150 python3 benchmarks/train_step.py --device cuda --batch-size 32 --steps 5 --warmup 3 \
     --dtype bf16 --compile --activation-checkpointing $extra | tee -a "$OUT/train_step_cuda.txt"
 done
 

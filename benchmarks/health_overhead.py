@@ -15,10 +15,10 @@ import time
 
 import torch
 
+from dinolab.config import apply_overrides
 from dinolab.data import MultiCropAugmentation
 from dinolab.data.collate import collate_views
 from dinolab.data.masking import MaskingGenerator
-from dinolab.train.config import apply_overrides
 from dinolab.train.distributed import init_distributed
 from dinolab.train.loop import StepContext, build_model, make_schedules, train_step
 from dinolab.train.param_groups import apply_schedules, get_param_groups

@@ -25,9 +25,13 @@ from step_timer import time_steps
 from torch.profiler import ProfilerActivity, profile
 from train_step import count_flops, parse_args, prepare  # benchmarks/: the script's own folder
 
+from dinolab.matmul import onednn_available
 from dinolab.train.loop import train_step
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::mkldnn_matmul")
+MATMUL_OPS = (
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::mkldnn_matmul",
+    "mkldnn::_linear_pointwise",  # the oneDNN CPU linear layers (dinolab.matmul)
+)  # fmt: skip
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
                  "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
                  "aten::_efficient_attention_forward", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -39,19 +43,24 @@ ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot
 def matmul_rate(
     device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10, trials: int = 3
 ) -> float:
-    """FLOP/s of a large square matrix product on ``device`` (the best of ``trials``): the practical peak the step is
-    compared with."""
+    """FLOP/s of a large square matrix product on ``device`` (the best of ``trials``, and on CPUs of torch's matmul
+    and oneDNN's, whichever library is faster here): the practical peak the step is compared with."""
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
-        a @ b
+    products = [lambda: a @ b]
+    if device.type == "cpu" and onednn_available():
+        b_t = b.t().contiguous()
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], ""))
     best = 0.0
-    for _ in range(trials):
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        _synchronize(device)
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
+    for product in products:
+        for _ in range(2):
+            product()
+        for _ in range(trials):
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                product()
+            _synchronize(device)
+            best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
     return best
 
 

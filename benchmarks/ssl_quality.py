@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dinolab.config import apply_overrides
 from dinolab.eval import load_image_folder, stratified_split
 from dinolab.quickstart.data import write_digits, write_textures
 from dinolab.quickstart.run import evaluate_all
-from dinolab.train.config import apply_overrides
 from dinolab.train.logger import read_metrics
 from dinolab.train.loop import train
 from dinolab.train.recipes import get_recipe

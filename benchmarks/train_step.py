@@ -39,11 +39,16 @@ from step_timer import time_steps
 from dinolab.data.augmentation import AugmentationConfig, MultiCropViews
 from dinolab.data.collate import Batch, collate_views
 from dinolab.data.masking import MaskingGenerator
+from dinolab.matmul import cpu_matmul, set_cpu_matmul
 from dinolab.runtime import reuse_freed_memory
 from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from dinolab.train.loop import StepContext, train_step
 from dinolab.train.meta_arch import SSLMetaArch
-from dinolab.train.parallel import apply_activation_checkpointing, choose_activation_checkpointing
+from dinolab.train.parallel import (
+    apply_activation_checkpointing,
+    choose_activation_checkpointing,
+    choose_cpu_linear,
+)
 from dinolab.train.param_groups import apply_schedules, get_param_groups
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -73,7 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-chunked-loss", action="store_true", help="hold the full [rows, K] student logits")
     parser.add_argument(
-        "--fused-adamw", action="store_true", help="torch's fused AdamW kernel (default: on CUDA only, as the trainer)"
+        "--foreach-adamw", action="store_true", help="torch's foreach AdamW (the trainer uses the fused kernel)"
+    )
+    parser.add_argument(
+        "--cpu-matmul",
+        choices=["auto", "blas", "onednn"],
+        default="auto",
+        help="as run.cpu_matmul (auto: what the trainer chooses on this CPU, by timing both)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument(
@@ -101,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.baseline:
         args.no_packing = args.drop_path_by_zeroing = args.heads_on_all_patches = args.no_chunked_loss = True
-        args.fused_adamw = args.compile = False
+        args.foreach_adamw, args.compile, args.cpu_matmul = True, False, "blas"
         args.dtype, args.system_malloc, args.activation_checkpointing = "fp32", True, "none"
     return args
 
@@ -147,17 +158,20 @@ def build(args: argparse.Namespace) -> StepContext:
             global_size=args.global_size, local_size=args.local_size, local_crops_number=args.local_crops
         ),
         optim=OptimConfig(batch_size_per_process=args.batch_size),
-        run=RunConfig(activation_checkpointing=args.activation_checkpointing, dtype=args.dtype),
+        run=RunConfig(
+            activation_checkpointing=args.activation_checkpointing, dtype=args.dtype, cpu_matmul=args.cpu_matmul
+        ),
     )
+    # the trainer's choices (dinolab.train.loop), recorded in the result
     args.activation_checkpointing = choose_activation_checkpointing(config, model, device)
     apply_activation_checkpointing(model, args.activation_checkpointing)
+    args.cpu_matmul = choose_cpu_linear(config, model, device) if device.type == "cpu" else "n/a"
     if args.compile:
         for net in (model.student, model.teacher):
             for block in net["backbone"].blocks:
                 block.compile_body()
     groups = get_param_groups(model.student, num_blocks=model.student["backbone"].n_blocks)
-    args.fused_adamw = args.fused_adamw or device.type == "cuda"  # the trainer's choice (slower on CPUs)
-    optimizer = torch.optim.AdamW(groups, fused=True if args.fused_adamw else None)
+    optimizer = torch.optim.AdamW(groups, foreach=True) if args.foreach_adamw else torch.optim.AdamW(groups, fused=True)
     apply_schedules(optimizer, lr=1e-4, wd=0.04, last_layer_lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     return StepContext(model, model, optimizer, scaler, args.dtype, device, OptimConfig())
@@ -166,8 +180,13 @@ def build(args: argparse.Namespace) -> StepContext:
 def count_flops(ctx: StepContext, batch: Batch, values: dict[str, float]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        train_step(ctx, [batch], values)
+    backend = cpu_matmul()
+    set_cpu_matmul("blas")  # the counter knows aten's products, not oneDNN's kernel: the same products either way
+    try:
+        with FlopCounterMode(display=False) as counter:
+            train_step(ctx, [batch], values)
+    finally:
+        set_cpu_matmul(backend)
     return counter.get_total_flops()
 
 
@@ -203,7 +222,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "efficient_drop_path": not args.drop_path_by_zeroing,
         "heads_on_masked_only": not args.heads_on_all_patches,
         "chunked_loss": not args.no_chunked_loss,
-        "fused_adamw": args.fused_adamw,
+        "fused_adamw": not args.foreach_adamw,
+        "cpu_matmul": args.cpu_matmul,
         "compile": args.compile,
         "activation_checkpointing": args.activation_checkpointing,
         "reuse_freed_memory": ctx.device.type == "cpu" and not args.system_malloc,
@@ -217,19 +237,25 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
-# Each row adds one technique to the previous row; the last is the step as the trainer runs it with no flags.
-_OFF = ["--activation-checkpointing", "none", "--system-malloc"]
+# Each row adds one technique to the previous row; the last is the step as the trainer runs it with no flags. The
+# rows before it run torch's own CPU linear path (--cpu-matmul blas); the last takes the trainer's choices on this
+# device (CPU linear backend, activation checkpointing), which its JSON record names.
+_OFF = ["--activation-checkpointing", "none", "--system-malloc", "--cpu-matmul", "blas"]
+_BLAS = ["--cpu-matmul", "blas"]
 LADDER: list[tuple[str, list[str]]] = [
     ("baseline (iBOT-style, fp32)", ["--baseline"]),
-    ("+ heads on CLS and masked tokens only", ["--no-packing", "--drop-path-by-zeroing", "--no-chunked-loss", *_OFF]),
-    ("+ efficient stochastic depth", ["--no-packing", "--no-chunked-loss", *_OFF]),
-    ("+ sequence packing", ["--no-chunked-loss", *_OFF]),
-    ("+ fused AdamW", ["--fused-adamw", "--no-chunked-loss", *_OFF]),
-    ("+ chunked prototype cross-entropy", ["--fused-adamw", *_OFF]),
-    ("+ freed memory reused (CPU allocator)", ["--fused-adamw", "--activation-checkpointing", "none"]),
-    ("+ selective activation checkpointing", ["--fused-adamw", "--activation-checkpointing", "selective"]),
-    ("+ full activation checkpointing", ["--fused-adamw", "--activation-checkpointing", "full"]),
-    ("+ bf16 autocast", ["--fused-adamw", "--activation-checkpointing", "full", "--dtype", "bf16"]),
+    (
+        "+ heads on CLS and masked tokens only",
+        ["--no-packing", "--drop-path-by-zeroing", "--no-chunked-loss", "--foreach-adamw", *_OFF],
+    ),
+    ("+ efficient stochastic depth", ["--no-packing", "--no-chunked-loss", "--foreach-adamw", *_OFF]),
+    ("+ sequence packing", ["--no-chunked-loss", "--foreach-adamw", *_OFF]),
+    ("+ fused AdamW", ["--no-chunked-loss", *_OFF]),
+    ("+ chunked prototype cross-entropy", [*_OFF]),
+    ("+ freed memory reused (CPU allocator)", [*_BLAS, "--activation-checkpointing", "none"]),
+    ("+ selective activation checkpointing", [*_BLAS, "--activation-checkpointing", "selective"]),
+    ("+ full activation checkpointing", [*_BLAS, "--activation-checkpointing", "full"]),
+    ("+ bf16 autocast", [*_BLAS, "--activation-checkpointing", "full", "--dtype", "bf16"]),
     ("dinolab's default step (no flags)", []),
 ]
 

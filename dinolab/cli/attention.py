@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dinolab.cli.embed import USER_ERRORS, add_picture_arguments, write_failures
 from dinolab.cli.options import backbone_from_args, take_positional_model
-from dinolab.features.embed import parse_image_size
+from dinolab.data.transforms import parse_image_size
 from dinolab.runtime import resolve_device
 
 

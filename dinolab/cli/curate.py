@@ -122,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     pipeline = actions.add_parser("run", help="the whole pipeline from a TOML/JSON config (embed -> ... -> outputs)")
     pipeline.add_argument("config", type=Path)
+    pipeline.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. select.target=100000 dedup.threshold=0.9",
+    )
     pipeline.add_argument("--output", type=Path, default=None, help="override the config's output folder")
     pipeline.set_defaults(_run=_run_config)
 
@@ -227,5 +233,5 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    overrides = {"output": str(args.output)} if args.output is not None else None
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output is not None else [])
     return _report(run_pipeline(load_pipeline_config(args.config, overrides)))

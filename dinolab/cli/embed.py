@@ -13,7 +13,8 @@ import torch
 from dinolab.cli.options import add_backbone_arguments, add_runtime_arguments, backbone_from_args, take_positional_model
 from dinolab.data.images import ImageScan, scan_images
 from dinolab.data.shards import only_files, open_images
-from dinolab.features.embed import Resolution, embed_images, estimate_bytes, parse_image_size
+from dinolab.data.transforms import Resolution, parse_image_size
+from dinolab.features.embed import embed_images, estimate_bytes
 from dinolab.features.writers import FORMATS, check_formats, embedding_output, summarize, write_embeddings
 from dinolab.hub import CheckpointMismatchError, WeightsUnavailableError
 from dinolab.runtime import OutputDir, resolve_device

@@ -16,9 +16,10 @@ from dinolab.cli.options import (
     backbone_from_args,
     model_kwargs,
 )
+from dinolab.config import from_namespace
 from dinolab.eval.classification import evaluate_classification
-from dinolab.eval.datasets import LabelledData, LabelledImages, load_labelled
 from dinolab.eval.features import ExtractionConfig, file_fingerprint
+from dinolab.eval.readers.classification import LabelledData, LabelledImages, load_labelled
 from dinolab.eval.results import ClassificationReport, write_report
 
 DATA_HELP = (
@@ -88,17 +89,18 @@ def prepare(args: argparse.Namespace) -> Inputs:
         if not args.model:
             raise SystemExit("--model is needed to extract features from images (e.g. --model dinov2_vits14)")
         backbone, model_id = backbone_from_args(args), model_identity(args)
-    extraction = ExtractionConfig(
-        resize=args.resize,
-        crop=args.crop,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        dtype=args.dtype,
-        device=args.device,
+    return Inputs(backbone, model_id, train, val, test, extraction_config(args))
+
+
+def extraction_config(args: argparse.Namespace) -> ExtractionConfig:
+    """How features are extracted for this command; deep enough for the linear probe's deepest variant
+    (``--n-last-blocks 1 8`` keeps the last 8 blocks' CLS tokens, not the default 4)."""
+    return from_namespace(
+        ExtractionConfig,
+        args,
         cache_dir=None if args.no_cache else os.fspath(args.cache_dir),
-        progress=not args.no_progress,
+        n_last_blocks=max([ExtractionConfig.n_last_blocks, *getattr(args, "n_last_blocks", [])]),
     )
-    return Inputs(backbone, model_id, train, val, test, extraction)
 
 
 def run_tasks(args: argparse.Namespace, task: str, **configs: object) -> int:

@@ -14,6 +14,7 @@ from dinolab.cli.eval_dense import (
     save_head,
 )
 from dinolab.cli.options import backbone_from_args
+from dinolab.config import from_namespace
 from dinolab.runtime import resolve_device
 
 
@@ -133,17 +134,7 @@ def run(args: argparse.Namespace) -> int:
             crop_size=tuple(args.crop_size) if args.crop_size else ((352, 704) if kitti else (416, 544)),
             rotate_degrees=args.rotate if args.rotate is not None else (1.0 if kitti else 2.5),
         )
-        config = dep.DepthTrainConfig(
-            iters=args.iters,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            sig_lambda=args.sig_lambda,
-            sig_warmup_iters=args.sig_warmup_iters,
-            gradient_weight=args.gradient_weight,
-            num_workers=args.num_workers,
-            seed=args.seed,
-        )
+        config = from_namespace(dep.DepthTrainConfig, args)
         losses = dep.train_depth(
             model, dep.DepthTrainDataset(train_set, augmentation), config, device, not args.no_progress
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dinolab.cli.eval_classification import add_common_arguments, run_tasks
+from dinolab.config import from_namespace
 from dinolab.eval.knn import DEFAULT_KS, KnnConfig
 
 
@@ -26,13 +27,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = KnnConfig(
-        ks=tuple(args.ks),
-        temperature=args.temperature,
-        weighting="uniform" if args.uniform else "exp",
-        few_shot=tuple(args.few_shot),
-        tries=args.tries,
-        seed=args.seed,
-        device=args.device,
-    )
+    config = from_namespace(KnnConfig, args, weighting="uniform" if args.uniform else "exp")
     return run_tasks(args, "knn", knn=config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from dinolab.cli.eval_classification import add_common_arguments, run_tasks
+from dinolab.config import from_namespace
 from dinolab.eval.linear import LEARNING_RATES, LinearConfig
 
 
@@ -31,15 +32,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = LinearConfig(
-        learning_rates=tuple(args.learning_rates),
-        n_last_blocks=tuple(args.n_last_blocks),
-        epochs=args.epochs,
-        iterations=args.iterations,
-        batch_size=args.train_batch_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    config = from_namespace(LinearConfig, args, batch_size=args.train_batch_size)
     return run_tasks(args, "linear", linear=config, augment_linear=args.augment)

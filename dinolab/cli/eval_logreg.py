@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dinolab.cli.eval_classification import add_common_arguments, run_tasks
+from dinolab.config import from_namespace
 from dinolab.eval.logreg import LogRegConfig
 
 
@@ -32,17 +33,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = LogRegConfig(
-        c_grid_size=args.c_grid_size,
-        search=args.search,
-        holdout_fraction=args.holdout_fraction,
-        select_on_val=args.select_on_val,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        backend=args.backend,
-        n_jobs=args.n_jobs,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    config = from_namespace(LogRegConfig, args)
     return run_tasks(args, "logreg", logreg=config)

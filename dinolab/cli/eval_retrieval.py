@@ -6,6 +6,7 @@ import argparse
 
 from dinolab.cli.eval_dense import add_common_arguments, resolved_arguments, write_json
 from dinolab.cli.options import backbone_from_args
+from dinolab.config import from_namespace
 from dinolab.runtime import resolve_device
 
 
@@ -36,12 +37,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.root:
             raise SystemExit(f"--dataset {args.dataset} needs --root")
         data = readers.revisited(args.root, args.dataset)
-    config = RetrievalConfig(
-        image_size=args.image_size,
-        scales=MULTISCALE if args.multiscale else (1.0,),
-        pooling=args.pooling,
-        gem_p=args.gem_p,
-    )
+    config = from_namespace(RetrievalConfig, args, scales=MULTISCALE if args.multiscale else (1.0,))
     model = backbone_from_args(args)
     results = evaluate_retrieval(
         model, data, config, resolve_device(args.device), args.num_workers, not args.no_progress

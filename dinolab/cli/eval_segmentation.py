@@ -13,6 +13,7 @@ from dinolab.cli.eval_dense import (
     save_head,
 )
 from dinolab.cli.options import backbone_from_args
+from dinolab.config import from_namespace
 from dinolab.runtime import resolve_device
 
 DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "voc2012": ("train", "val"), "cityscapes": ("train", "val")}
@@ -104,21 +105,8 @@ def run(args: argparse.Namespace) -> int:
         model.head = head
     else:
         assert train_set is not None
-        augmentation = seg.SegAugmentation(
-            crop_size=args.crop_size,
-            scale=tuple(args.scale),
-            ratio_range=tuple(args.ratio_range),
-            photometric=not args.no_photometric,
-        )
-        config = seg.SegTrainConfig(
-            iters=args.iters,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_iters=min(args.warmup_iters, args.iters),
-            num_workers=args.num_workers,
-            seed=args.seed,
-        )
+        augmentation = from_namespace(seg.SegAugmentation, args, photometric=not args.no_photometric)
+        config = from_namespace(seg.SegTrainConfig, args, warmup_iters=min(args.warmup_iters, args.iters))
         losses = seg.train_segmentation(
             model, seg.SegTrainDataset(train_set, augmentation), config, device, not args.no_progress
         )

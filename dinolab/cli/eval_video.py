@@ -6,6 +6,7 @@ import argparse
 
 from dinolab.cli.eval_dense import add_common_arguments, resolved_arguments, write_json
 from dinolab.cli.options import backbone_from_args
+from dinolab.config import from_namespace
 from dinolab.runtime import resolve_device
 
 
@@ -38,14 +39,7 @@ def run(args: argparse.Namespace) -> int:
         val = video_folders(args.val, classes=train.classes)
     else:
         raise SystemExit("give --train and --val folders, or --root with --train-list and --val-list")
-    config = VideoConfig(
-        num_frames=args.frames,
-        temporal=args.temporal,
-        resize_size=args.resize_size,
-        crop_size=args.crop_size,
-        classifier=args.classifier,
-        C=args.C,
-    )
+    config = from_namespace(VideoConfig, args, num_frames=args.frames)
     model = backbone_from_args(args)
     results = evaluate_video(
         model, train, val, config, resolve_device(args.device), args.num_workers, not args.no_progress

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dinolab.features.embed import parse_image_size
+    from dinolab.data.transforms import parse_image_size
     from dinolab.hub.export import ExportError, export_backbone
 
     try:

@@ -50,7 +50,8 @@ def front_door_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_config(args: argparse.Namespace):
-    from dinolab.train.config import TrainConfig, apply_overrides
+    from dinolab.config import apply_overrides
+    from dinolab.train.config import TrainConfig
     from dinolab.train.recipes import get_recipe
 
     config = TrainConfig.load(args.config) if args.config else get_recipe(args.recipe)
@@ -71,7 +72,7 @@ def _summary(recipe) -> str:
 
 
 def run(args: argparse.Namespace, command: str = "train") -> int:
-    from dinolab.train.config import ConfigError
+    from dinolab.config import ConfigError
     from dinolab.train.recipes import RECIPES
 
     if args.list_recipes:

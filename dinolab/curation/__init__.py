@@ -3,6 +3,7 @@
 embed (sharded, resumable stores) -> deduplicate -> decontaminate -> retrieve around seeds / balance -> outputs.
 """
 
+from dinolab.curation.arrays import RowSubset, ShardedArray
 from dinolab.curation.decontaminate import DecontaminationResult, decontaminate
 from dinolab.curation.dedup import DedupResult, deduplicate
 from dinolab.curation.embed import EmbedConfig, EmbedResult, ThumbnailEmbedder, TransformConfig, embed_to_store
@@ -18,7 +19,7 @@ from dinolab.curation.kmeans import (
 )
 from dinolab.curation.pipeline import PipelineConfig, load_pipeline_config, run_pipeline
 from dinolab.curation.retrieve import Retrieval, retrieve_by_cluster, retrieve_nearest
-from dinolab.curation.store import EmbeddingStore, IncompleteStoreError, RowSubset, ShardedArray, write_store
+from dinolab.curation.store import EmbeddingStore, IncompleteStoreError, write_store
 
 __all__ = [
     "ClusterTree",

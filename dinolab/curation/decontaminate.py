@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dinolab.curation.arrays import ArrayLike
 from dinolab.curation.index import DEFAULT_INDEX, IndexConfig, build_index, exact_scores, is_exact, search
-from dinolab.curation.store import ArrayLike
 
 
 @dataclass

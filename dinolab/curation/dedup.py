@@ -16,8 +16,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from dinolab.curation.arrays import ArrayLike, gather
 from dinolab.curation.index import DEFAULT_INDEX, IndexConfig, build_index, exact_scores, is_exact, search
-from dinolab.curation.store import ArrayLike, gather
 
 
 @dataclass

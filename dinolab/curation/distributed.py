@@ -33,13 +33,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import kmeans_plusplus
 
+from dinolab.curation.arrays import ArrayLike, RowSubset, gather
 from dinolab.curation.dedup import DedupResult
 from dinolab.curation.dedup import deduplicate as single_process_dedup
 from dinolab.curation.index import DEFAULT_INDEX, IndexConfig, build_index, exact_scores, is_exact, sample_rows
 from dinolab.curation.kmeans import DEFAULT_KMEANS, ClusterTree, KMeansConfig, KMeansResult, allot, assign
 from dinolab.curation.kmeans import balanced_sample as single_process_balanced_sample
 from dinolab.curation.kmeans import hierarchical_kmeans as single_process_tree
-from dinolab.curation.store import ArrayLike, RowSubset, gather
 from dinolab.runtime import join_process_group, world
 
 

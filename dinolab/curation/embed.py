@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from dinolab.curation.store import EmbeddingStore, SourceRange, StoreMeta, paths_digest
 from dinolab.data.images import ImageFileDataset, list_images
 from dinolab.data.shards import ImageSourceDataset, is_sharded, only_files, open_images
-from dinolab.data.transforms import make_eval_transform, make_resize_transform
+from dinolab.data.transforms import Resolution
 from dinolab.features.extract import extract_features
 from dinolab.runtime import check_dtype, resolve_device
 
@@ -44,14 +44,15 @@ class TransformConfig:
     crop: int = 224
     """Centre-crop size; 0 resizes the whole image to ``resize x resize`` (SSCD uses 288-320, no crop)."""
 
+    @property
+    def resolution(self) -> Resolution:
+        return Resolution.from_resize_crop(self.resize, self.crop)
+
     def __post_init__(self) -> None:
-        if self.resize < 1 or self.crop < 0 or self.crop > self.resize:
-            raise ValueError(f"transform needs resize >= 1 and 0 <= crop <= resize, got {self}")
+        self.resolution  # noqa: B018 (validates resize and crop by the one rule every command uses)
 
     def build(self) -> Callable:
-        if self.crop == 0:
-            return make_resize_transform(self.resize)
-        return make_eval_transform(self.resize, self.crop)
+        return self.resolution.transform()
 
 
 @dataclass(frozen=True, kw_only=True)

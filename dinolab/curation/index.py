@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from dinolab.curation.store import ArrayLike, gather, iter_batches
+from dinolab.curation.arrays import ArrayLike, gather, iter_batches
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 

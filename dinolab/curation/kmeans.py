@@ -22,8 +22,8 @@ import faiss
 import numpy as np
 from sklearn.cluster import kmeans_plusplus
 
+from dinolab.curation.arrays import ArrayLike, gather, iter_batches
 from dinolab.curation.index import sample_rows
-from dinolab.curation.store import ArrayLike, gather, iter_batches
 
 
 @dataclass(frozen=True, kw_only=True)

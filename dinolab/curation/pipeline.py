@@ -10,23 +10,24 @@ A config file (TOML or JSON) mirrors :class:`PipelineConfig`; see docs/curation.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 import numpy as np
 
+from dinolab.config import apply_overrides, from_dict, read_config_file, to_dict
 from dinolab.curation import distributed, report
+from dinolab.curation.arrays import ArrayLike, RowSubset, ShardedArray
 from dinolab.curation.decontaminate import decontaminate
 from dinolab.curation.embed import EmbedConfig, TransformConfig, embed_to_store
 from dinolab.curation.index import IndexConfig, choose_kind
 from dinolab.curation.kmeans import KMeansConfig
 from dinolab.curation.retrieve import retrieve_by_cluster, retrieve_nearest
-from dinolab.curation.store import ArrayLike, EmbeddingStore, RowSubset, ShardedArray
+from dinolab.curation.store import EmbeddingStore
 from dinolab.runtime import world
 
 SELECT_MODES = ("all", "sample", "cluster", "balance")
@@ -139,52 +140,10 @@ class PipelineConfig:
             raise ValueError(f"manifest_format must be 'csv' or 'parquet', got {self.manifest_format!r}")
 
 
-def _build(cls: type, value: Any, where: str) -> Any:
-    """A (nested) dataclass from plain dicts / lists, rejecting unknown keys with their location."""
-    if value is None:
-        return None
-    if is_dataclass(cls):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a table of settings, got {value!r}")
-        hints = get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(value) - known):
-            raise ValueError(f"unknown setting(s) {unknown} in {where}; known: {sorted(known)}")
-        return cls(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
-    origin, args = get_origin(cls), get_args(cls)
-    if origin is tuple:
-        return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if args and type(None) in args:  # X | None
-        return _build(next(a for a in args if a is not type(None)), value, where)
-    if cls is Path:
-        return Path(value)
-    return value
-
-
-def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a TOML / JSON pipeline config; relative paths stay relative to the working directory."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        try:
-            import tomllib
-        except ImportError as error:  # Python 3.10
-            raise ImportError(f"reading {path} needs Python >= 3.11 (tomllib); write the config as .json") from error
-        data = tomllib.loads(text)
-    data.update(overrides or {})
-    return _build(PipelineConfig, data, path.name)
-
-
-def config_to_dict(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return {f.name: config_to_dict(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [config_to_dict(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a TOML / JSON pipeline config, with ``section.key=value`` overrides (``select.target=1000``);
+    relative paths stay relative to the working directory."""
+    return apply_overrides(from_dict(PipelineConfig, read_config_file(path)), list(overrides or []))
 
 
 # ---------------------------------------------------------------------------------------------- execution
@@ -366,7 +325,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     manifest_path = report.write_manifest(manifest, out / f"manifest.{config.manifest_format}")
     summary.update(selected=len(kept), outputs={"selected": selected, "manifest": manifest_path})
     summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    summary["config"] = config_to_dict(config)
+    summary["config"] = to_dict(config)
     summary["processes"] = world()[1]
     report.write_summary(summary, out, plots)
     if multi:

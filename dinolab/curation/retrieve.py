@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dinolab.curation.arrays import ArrayLike, gather
 from dinolab.curation.index import DEFAULT_INDEX, IndexConfig, knn
 from dinolab.curation.kmeans import DEFAULT_KMEANS, KMeansConfig, assign, kmeans
-from dinolab.curation.store import ArrayLike, gather
 
 
 @dataclass

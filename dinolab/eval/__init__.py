@@ -2,16 +2,6 @@
 tasks: segmentation, depth, instance retrieval, video (``dinolab.eval.segmentation`` … ``dinolab.eval.video``)."""
 
 from dinolab.eval.classification import TASKS, evaluate_classification
-from dinolab.eval.datasets import (
-    LabelledEmbeddings,
-    LabelledImages,
-    load_embeddings,
-    load_file_list,
-    load_image_folder,
-    load_labelled,
-    load_torchvision,
-    stratified_split,
-)
 from dinolab.eval.dense import DenseResult, slide_inference, train_head
 from dinolab.eval.depth import evaluate_depth, train_depth
 from dinolab.eval.features import ExtractionConfig, Features, extract_labelled, model_fingerprint
@@ -26,6 +16,16 @@ from dinolab.eval.heads import (
 from dinolab.eval.knn import KnnConfig, knn_class_scores, run_knn
 from dinolab.eval.linear import LEARNING_RATES, LinearConfig, run_linear
 from dinolab.eval.logreg import LogRegConfig, c_grid, run_logreg
+from dinolab.eval.readers.classification import (
+    LabelledEmbeddings,
+    LabelledImages,
+    load_embeddings,
+    load_file_list,
+    load_image_folder,
+    load_labelled,
+    load_torchvision,
+    stratified_split,
+)
 from dinolab.eval.results import (
     Accuracy,
     ClassificationReport,

@@ -8,11 +8,17 @@ from dataclasses import asdict, replace
 
 from torch import nn
 
-from dinolab.eval.datasets import LabelledData, LabelledEmbeddings, LabelledImages, remap_labels, stratified_split
 from dinolab.eval.features import ExtractionConfig, Features, extract_labelled, make_augmented_transform
 from dinolab.eval.knn import KnnConfig, run_knn
 from dinolab.eval.linear import LinearConfig, run_linear
 from dinolab.eval.logreg import LogRegConfig, run_logreg
+from dinolab.eval.readers.classification import (
+    LabelledData,
+    LabelledEmbeddings,
+    LabelledImages,
+    remap_labels,
+    stratified_split,
+)
 from dinolab.eval.results import ClassificationReport
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision import transforms
 
-from dinolab.data.transforms import make_eval_transform, make_normalize
-from dinolab.eval.datasets import LabelledData, LabelledEmbeddings, LabelledImages, Transform, digest
+from dinolab.data.transforms import Resolution, make_normalize
+from dinolab.eval.readers.classification import LabelledData, LabelledEmbeddings, LabelledImages, Transform, digest
 from dinolab.features.extract import extract_features
 from dinolab.runtime import atomic_write, check_dtype
 
@@ -130,10 +130,13 @@ class ExtractionConfig:
     """Where extracted features are kept and reused; None disables the cache."""
     progress: bool = True
 
+    @property
+    def resolution(self) -> Resolution:
+        return Resolution(resize=self.resize, crop=self.crop)
+
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
-        if self.crop <= 0 or self.resize < self.crop:
-            raise ValueError(f"need 0 < crop <= resize, got resize={self.resize}, crop={self.crop}")
+        self.resolution  # noqa: B018 (validates resize and crop by the one rule every command uses)
         if self.batch_size <= 0 or self.num_workers < 0 or self.n_last_blocks <= 0:
             raise ValueError("batch_size and n_last_blocks must be positive and num_workers >= 0")
 
@@ -222,7 +225,7 @@ def extract_labelled(
                 cache_file.parent,
             )
             return _load_cached(cache_file, data)
-    dataset = data.make_dataset(transform or make_eval_transform(config.resize, config.crop))
+    dataset = data.make_dataset(transform or config.resolution.transform())
     extracted = extract_features(
         model,
         dataset,

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dinolab.eval.datasets import stratified_split
 from dinolab.eval.features import Features
+from dinolab.eval.readers.classification import stratified_split
 from dinolab.eval.results import HeadScore, LinearResult, accuracy
 from dinolab.runtime import resolve_device
 

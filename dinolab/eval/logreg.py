@@ -23,8 +23,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
-from dinolab.eval.datasets import stratified_split
 from dinolab.eval.features import Features
+from dinolab.eval.readers.classification import stratified_split
 from dinolab.eval.results import CScore, LogRegResult, accuracy
 from dinolab.runtime import resolve_device
 

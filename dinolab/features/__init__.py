@@ -1,13 +1,7 @@
 """Feature extraction with frozen backbones."""
 
-from dinolab.features.embed import (
-    OUTPUTS,
-    EmbeddingResult,
-    Resolution,
-    embed_images,
-    parse_image_size,
-    token_features,
-)
+from dinolab.data.transforms import Resolution, parse_image_size
+from dinolab.features.embed import OUTPUTS, EmbeddingResult, embed_images, token_features
 from dinolab.features.extract import Extracted, cls_features, extract_features
 from dinolab.features.writers import read_parquet_features, summarize, write_embeddings
 from dinolab.runtime import autocast_context, default_device

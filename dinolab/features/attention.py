@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dinolab.data.images import ImageFileDataset, collate_loaded, list_images, load_rgb
-from dinolab.features.embed import Resolution
+from dinolab.data.transforms import Resolution
 from dinolab.features.pca import render_attention
 from dinolab.models.vit import DinoVisionTransformer
 from dinolab.runtime import autocast_context, resolve_device

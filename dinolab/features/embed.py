@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from dinolab.data.images import ImageFileDataset
-from dinolab.data.transforms import make_eval_transform, make_resize_transform
+from dinolab.data.transforms import Resolution
 from dinolab.features.extract import extract_features
 from dinolab.runtime import check_dtype
 
@@ -34,76 +33,6 @@ OUTPUTS: dict[str, str] = {
     "patch_tokens": "normalised patch tokens [N, h*w, D] (row-major patch grid)",
     "registers": "normalised register tokens [N, R, D]",
 }
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """How images are brought to the model's input size.
-
-    ``mode="crop"``: resize the short side to ``resize`` then center-crop ``crop x crop`` (the official evaluation
-    transform, 256 -> 224). ``mode="resize"``: resize the whole image to ``height x width`` (dense features of the
-    full picture, e.g. 448 for PCA pictures).
-    """
-
-    mode: str = "crop"
-    resize: int = 256
-    """Short side before the center crop (``mode="crop"``)."""
-    crop: int = 224
-    """Side of the square center crop (``mode="crop"``)."""
-    height: int = 224
-    """Input height (``mode="resize"``)."""
-    width: int = 224
-    """Input width (``mode="resize"``)."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("crop", "resize"):
-            raise ValueError(f"resolution mode must be 'crop' or 'resize', got {self.mode!r}")
-        sizes = {"resize": self.resize, "crop": self.crop, "height": self.height, "width": self.width}
-        for name, value in sizes.items():
-            if value <= 0:
-                raise ValueError(f"{name} must be a positive number of pixels, got {value}")
-        if self.mode == "crop" and self.crop > self.resize:
-            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}; choose crop <= resize")
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """``(height, width)`` of the tensors the model sees."""
-        return (self.crop, self.crop) if self.mode == "crop" else (self.height, self.width)
-
-    def check_patch_size(self, patch_size: int) -> None:
-        """Raise a clear error when the input size is not a whole number of patches."""
-        height, width = self.input_size
-        if height % patch_size or width % patch_size:
-            flag = f"--crop {self.crop}" if self.mode == "crop" else f"--image-size {height}x{width}"
-            near = [max(patch_size, round(side / patch_size) * patch_size) for side in (height, width)]
-            raise ValueError(
-                f"{flag}: the input size {height}x{width} must be a multiple of the model's patch size {patch_size} "
-                f"on both sides; use e.g. {near[0]}x{near[1]} (or {near[0]} for a square input)"
-            )
-
-    def transform(self) -> Callable[[Image.Image], Tensor]:
-        """PIL image -> normalised ``[3, H, W]`` tensor."""
-        if self.mode == "crop":
-            return make_eval_transform(self.resize, self.crop)
-        return make_resize_transform(self.height, self.width)
-
-    def describe(self) -> dict[str, object]:
-        """A JSON-friendly description (for ``summary.json``)."""
-        height, width = self.input_size
-        if self.mode == "crop":
-            return {"mode": "resize_short_side_then_center_crop", "resize": self.resize, "crop": self.crop}
-        return {"mode": "resize_whole_image", "height": height, "width": width}
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``"448"`` -> ``(448, 448)``, ``"448x672"`` -> ``(448, 672)`` (height x width)."""
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) not in (1, 2) or not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"image size {text!r} is not H or HxW in pixels (e.g. 448 or 448x672)")
-    height, width = (int(parts[0]), int(parts[-1]))
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size {text!r} must be positive")
-    return height, width
 
 
 @dataclass

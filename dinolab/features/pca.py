@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dinolab.data.images import ImageBatch, ImageFileDataset, collate_loaded, load_rgb
-from dinolab.features.embed import Resolution, embed_images
+from dinolab.data.transforms import Resolution
+from dinolab.features.embed import embed_images
 from dinolab.runtime import autocast_context, resolve_device
 
 

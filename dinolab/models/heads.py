@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from dinolab.losses.prototypes import prototype_cross_entropy
+from dinolab.matmul import Linear
 
 
 class DINOHead(nn.Module):
@@ -65,18 +66,20 @@ class DINOHead(nn.Module):
 
         ``x [R, in_dim]``, ``targets [R, out_dim]`` (or consecutive row segments of it) -> ``[R]`` fp32; see
         :func:`dinolab.losses.prototype_cross_entropy`. A method of the head (not a free function on its weight)
-        so that FSDP2 gathers the parameters around it like around ``forward``.
+        so that FSDP2 gathers the parameters around it like around ``forward``. The weight-normalised prototypes
+        go in as their direction and magnitude: the ``[out_dim, bottleneck_dim]`` weight is never materialised.
         """
-        return prototype_cross_entropy(self.project(x), self.last_layer.weight, targets, temp)
+        weight = self.last_layer.parametrizations.weight
+        return prototype_cross_entropy(self.project(x), weight.original1, targets, temp, magnitudes=weight.original0)
 
 
 def _build_mlp(nlayers: int, in_dim: int, hidden_dim: int, bottleneck_dim: int, bias: bool) -> nn.Module:
     if nlayers == 1:
-        return nn.Linear(in_dim, bottleneck_dim, bias=bias)
-    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=bias), nn.GELU()]
+        return Linear(in_dim, bottleneck_dim, bias=bias)
+    layers: list[nn.Module] = [Linear(in_dim, hidden_dim, bias=bias), nn.GELU()]
     for _ in range(nlayers - 2):
-        layers += [nn.Linear(hidden_dim, hidden_dim, bias=bias), nn.GELU()]
-    layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=bias))
+        layers += [Linear(hidden_dim, hidden_dim, bias=bias), nn.GELU()]
+    layers.append(Linear(hidden_dim, bottleneck_dim, bias=bias))
     return nn.Sequential(*layers)
 
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
+from dinolab.matmul import Linear
+
 CHECKPOINTING_MODES = ("none", "full", "selective")
 """Activation checkpointing of a block: ``full`` keeps only its input and recomputes everything in backward;
 ``selective`` keeps the outputs of its matrix products and attention and recomputes the cheap rest (layer norms,
@@ -24,7 +26,10 @@ def _matmul_and_attention_ops() -> list:
     names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention")  # fmt: skip
-    return [getattr(aten, name).default for name in names if hasattr(aten, name)]
+    ops = [getattr(aten, name).default for name in names if hasattr(aten, name)]
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # the oneDNN CPU linear (dinolab.matmul)
+        ops.append(torch.ops.mkldnn._linear_pointwise.default)
+    return ops
 
 
 class PatchEmbed(nn.Module):
@@ -75,8 +80,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim, bias=proj_bias)
 
     def _split_heads(self, qkv: Tensor, batch: int, tokens: int) -> tuple[Tensor, Tensor, Tensor]:
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
@@ -114,9 +119,9 @@ class Mlp(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1 = Linear(in_features, hidden_features, bias=bias)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+        self.fc2 = Linear(hidden_features, in_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -132,8 +137,8 @@ class SwiGLUFFNFused(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
         super().__init__()
         hidden = (int(hidden_features * 2 / 3) + 7) // 8 * 8
-        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+        self.w12 = Linear(in_features, 2 * hidden, bias=bias)
+        self.w3 = Linear(hidden, in_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)

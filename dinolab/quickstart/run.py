@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinolab.config import apply_overrides
 from dinolab.eval import (
     ExtractionConfig,
     Features,
@@ -33,7 +34,7 @@ from dinolab.quickstart.report import (
     plot_training_curves,
     write_report,
 )
-from dinolab.train.config import TrainConfig, apply_overrides
+from dinolab.train.config import TrainConfig
 from dinolab.train.loop import train
 from dinolab.train.meta_arch import build_backbone
 from dinolab.train.recipes import get_recipe

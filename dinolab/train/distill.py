@@ -24,8 +24,9 @@ from pathlib import Path
 
 from torch import nn
 
+from dinolab.config import ConfigError, from_dict
 from dinolab.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_module_tensors, read_meta
-from dinolab.train.config import ConfigError, TrainConfig, from_dict
+from dinolab.train.config import TrainConfig
 from dinolab.train.meta_arch import build_backbone, build_heads
 
 log = logging.getLogger("dinolab.train")

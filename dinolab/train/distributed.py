@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from dinolab import runtime
+from dinolab.config import ConfigError
 from dinolab.runtime import DistEnv
-from dinolab.train.config import ConfigError
 
 __all__ = ["DistEnv", "all_reduce_mean", "init_distributed"]
 

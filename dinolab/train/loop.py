@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dinolab.config import ConfigError, from_dict
 from dinolab.data.collate import Batch
+from dinolab.matmul import cpu_matmul, set_cpu_matmul
 from dinolab.runtime import phase, reuse_freed_memory
 from dinolab.train.checkpoint import (
     full_state_dict,
@@ -26,7 +28,7 @@ from dinolab.train.checkpoint import (
     save_backbone,
     save_checkpoint,
 )
-from dinolab.train.config import ConfigError, OptimConfig, TrainConfig, from_dict
+from dinolab.train.config import OptimConfig, TrainConfig
 from dinolab.train.data import build_training_data
 from dinolab.train.distill import (
     TeacherSource,
@@ -40,7 +42,7 @@ from dinolab.train.guard import RunGuard
 from dinolab.train.health import HealthMonitor
 from dinolab.train.logger import MetricLogger, format_line
 from dinolab.train.meta_arch import LossTerms, SSLMetaArch, build_backbone
-from dinolab.train.parallel import choose_activation_checkpointing, parallelize
+from dinolab.train.parallel import choose_activation_checkpointing, choose_cpu_linear, parallelize
 from dinolab.train.param_groups import apply_schedules, get_param_groups
 from dinolab.train.schedules import TrainingSchedules, build_schedules, scale_lr
 
@@ -130,9 +132,14 @@ def init_backbones_from(model: SSLMetaArch, source: str) -> None:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) pretraining as configured; returns where the run is and whether it finished.
 
-    One writer per run directory; SIGTERM / SIGINT end the step, write a checkpoint and return (see guard.py)."""
-    with RunGuard(config.run.output_dir) as guard:
-        return _train(config, guard)
+    One writer per run directory; SIGTERM / SIGINT end the step, write a checkpoint and return (see guard.py). The
+    CPU linear backend selected for the run (``run.cpu_matmul``) is reset to the process's previous one on return."""
+    backend = cpu_matmul()
+    try:
+        with RunGuard(config.run.output_dir) as guard:
+            return _train(config, guard)
+    finally:
+        set_cpu_matmul(backend)
 
 
 def _train(config: TrainConfig, guard: RunGuard) -> TrainResult:
@@ -158,6 +165,7 @@ def _train(config: TrainConfig, guard: RunGuard) -> TrainResult:
     num_blocks = model.student["backbone"].n_blocks
     may_skip = optim_cfg.freeze_backbone_iters > 0 or config.heads.ibot_separate_head
     checkpointing = choose_activation_checkpointing(config, model, env.device)
+    choose_cpu_linear(config, model, env.device)  # logs the timings behind an 'auto' choice
     if env.is_main and run_cfg.activation_checkpointing == "auto":
         log.info("activation checkpointing: %s (run.activation_checkpointing=auto)", checkpointing)
     run_cfg = dataclasses.replace(run_cfg, activation_checkpointing=checkpointing)
@@ -168,7 +176,8 @@ def _train(config: TrainConfig, guard: RunGuard) -> TrainResult:
         layer_decay=optim_cfg.layer_decay,
         patch_embed_lr_mult=optim_cfg.patch_embed_lr_mult,
     )
-    optimizer = torch.optim.AdamW(groups, betas=optim_cfg.adamw_betas, fused=env.device.type == "cuda" or None)
+    # fused on CPUs too: as fast as foreach there, without its parameter-sized temporaries (-100 MB at ViT-S/14)
+    optimizer = torch.optim.AdamW(groups, betas=optim_cfg.adamw_betas, fused=True)
     scaler = torch.amp.GradScaler(env.device.type, enabled=run_cfg.dtype == "fp16")
 
     start_step, stream_state = 0, None

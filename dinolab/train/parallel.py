@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from dinolab.matmul import choose_cpu_matmul
+from dinolab.runtime import world_size
 from dinolab.train.config import RunConfig, TrainConfig
 from dinolab.train.distributed import DistEnv
 from dinolab.train.meta_arch import SSLMetaArch
@@ -60,6 +63,27 @@ def choose_activation_checkpointing(config: TrainConfig, model: SSLMetaArch, dev
         if activation_bytes(candidate) <= budget:
             return candidate
     return "full"
+
+
+CPU_MATMUL_PROBE_TOKENS = 4096
+"""Tokens per layer in the CPU linear probe (dinolab.matmul.choose_cpu_matmul), at most: enough for the matmuls to
+run as in the step (~2 s in all for a ViT-S/14 on 2 cores), few enough that a ViT-g probe stays short."""
+
+
+def choose_cpu_linear(config: TrainConfig, model: SSLMetaArch, device: torch.device) -> str:
+    """``run.cpu_matmul`` resolved and selected for this process; on GPUs the setting is moot ('blas'). Under
+    torchrun every rank takes rank 0's choice, so that the ranks of one run compute alike."""
+    if device.type != "cpu" or config.run.dtype != "fp32":
+        return choose_cpu_matmul("blas", [])
+    backbone = model.student["backbone"]
+    block = backbone.blocks[0]
+    layers = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    tokens = student_tokens_per_step(config, backbone.patch_size, backbone.num_register_tokens)
+    tokens = min(tokens, CPU_MATMUL_PROBE_TOKENS)
+    choice = [choose_cpu_matmul(config.run.cpu_matmul, [(tokens, m.in_features, m.out_features) for m in layers])]
+    if world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choose_cpu_matmul(choice[0], [])
 
 
 def student_tokens_per_step(config: TrainConfig, patch_size: int, registers: int) -> int:

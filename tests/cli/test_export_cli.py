@@ -17,7 +17,7 @@ from dinolab.models import build_vit
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dinolab.train.config import apply_overrides
+    from dinolab.config import apply_overrides
     from dinolab.train.loop import train
     from dinolab.train.recipes import get_recipe
 

@@ -141,3 +141,18 @@ def test_train_takes_the_front_door_as_config_overrides(tmp_path: Path) -> None:
     from dinolab.train.recipes import get_recipe
 
     assert untouched.to_dict() == get_recipe("test_tiny").to_dict()
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "depth", "batch_size"),
+    [("knn", [], 4, 64), ("linear", [], 4, 64), ("linear", ["--n-last-blocks", "1", "8", "--batch-size", "8"], 8, 8)],
+)
+def test_evaluation_configs_come_from_the_options(command, extra, depth, batch_size):
+    """The configs are built from the options by name (dinolab.config.from_namespace): the linear probe's own
+    --train-batch-size does not leak into extraction, and extraction keeps enough blocks for --n-last-blocks."""
+    from dinolab.cli.eval_classification import extraction_config
+
+    options = ["--train", "t", "--val", "v", "--model", "vit_small", "--output", "o", *extra]
+    args = _parser("eval", [command]).parse_args(options)
+    config = extraction_config(args)
+    assert (config.n_last_blocks, config.batch_size, config.resize, config.crop) == (depth, batch_size, 256, 224)

@@ -7,7 +7,7 @@ import pytest
 from curation_synthetic import brute_force_dedup, perturb, planted_duplicates, unit
 
 from dinolab.curation import IndexConfig, decontaminate, deduplicate
-from dinolab.curation.store import ShardedArray
+from dinolab.curation.arrays import ShardedArray
 
 FLAT = IndexConfig(kind="flat")
 IVF = IndexConfig(kind="ivf", nlist=16, nprobe=4)

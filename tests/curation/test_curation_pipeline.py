@@ -201,3 +201,25 @@ def test_decontaminate_cli_and_bad_stores(tmp_path: Path, capsys: pytest.Capture
                 str(out),
             ]
         )
+
+
+def test_run_config_takes_key_value_overrides(tmp_path, capsys):
+    """`curate run CONFIG key=value ...` uses the same override mechanism as `dinolab train`: the stores made by
+    the first run are reused, an override changes the selection, and a bad key fails before anything runs."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    config = tmp_path / "curate.toml"
+    config.write_text(
+        f'output = "{tmp_path / "out"}"\n[embed]\nnum_workers = 0\n'
+        f'[pool]\nstore = "{tmp_path / "pool"}"\ninputs = ["{images}"]\nmodel = "pixels:4"\nresize = 16\ncrop = 16\n'
+        '[select]\nmode = "balance"\nclusters = [3]\ntarget = 6\n'
+    )
+    assert main(["curate", "run", str(config), "select.target=4", f"output={tmp_path / 'out4'}"]) == 0
+    assert len((tmp_path / "out4" / "selected.txt").read_text().splitlines()) == 4
+    assert json.loads((tmp_path / "out4" / "summary.json").read_text())["config"]["select"]["target"] == 4
+    assert main(["curate", "run", str(config), "select.targte=4"]) != 0
+    assert "select.targte" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from dinolab.curation import (
     retrieve_by_cluster,
     retrieve_nearest,
 )
-from dinolab.curation.store import RowSubset
+from dinolab.curation.arrays import RowSubset
 
 
 @pytest.mark.parametrize("n", [1, 4])

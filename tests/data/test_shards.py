@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from dinolab.config import apply_overrides
 from dinolab.data.shard_writer import verify_shards, write_shards
 from dinolab.data.shards import ShardStream, StreamCursor, open_images
-from dinolab.train.config import apply_overrides
 from dinolab.train.data import build_training_data
 from dinolab.train.distributed import DistEnv
 from dinolab.train.recipes import get_recipe

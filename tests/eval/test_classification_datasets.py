@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinolab.eval.datasets import (
+from dinolab.eval.readers.classification import (
     LabelledImages,
     load_embeddings,
     load_labelled,

@@ -10,8 +10,8 @@ import torch
 from torchvision.datasets import FakeData
 
 import dinolab.eval.features as features_module
-from dinolab.eval.datasets import LabelledImages, load_labelled
 from dinolab.eval.features import ClassificationFeatureFn, ExtractionConfig, extract_labelled, model_fingerprint
+from dinolab.eval.readers.classification import LabelledImages, load_labelled
 from dinolab.models.vit import vit_tiny
 
 CONFIG = ExtractionConfig(resize=28, crop=28, batch_size=16, num_workers=0, device="cpu", progress=False)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from dinolab.eval.datasets import stratified_split
 from dinolab.eval.features import Features
 from dinolab.eval.logreg import LogRegConfig, c_grid, fit_sklearn, fit_torch, run_logreg, select_c
+from dinolab.eval.readers.classification import stratified_split
 
 
 def noisy_blobs(n: int, seed: int, num_classes: int = 3, dim: int = 5, name: str = "") -> Features:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dinolab.train.config import TrainConfig, apply_overrides
+from dinolab.config import apply_overrides
+from dinolab.train.config import TrainConfig
 from dinolab.train.recipes import get_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

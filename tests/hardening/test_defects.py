@@ -21,14 +21,15 @@ from hardening_helpers import ROOT, tiny_config, write_images
 from PIL import Image
 
 from dinolab.cli.main import main
+from dinolab.config import ConfigError
 from dinolab.data.images import format_path_line, list_images, load_rgb, parse_path_line, read_path_list
-from dinolab.eval.datasets import LabelledImages
 from dinolab.eval.features import ExtractionConfig, extract_labelled
+from dinolab.eval.readers.classification import LabelledImages
 from dinolab.eval.readers.segmentation import SegmentationSet
 from dinolab.hub import load_backbone
 from dinolab.runtime import RunLock, RunLockedError
 from dinolab.train import checkpoint as ckpt
-from dinolab.train.config import ConfigError, TrainConfig
+from dinolab.train.config import TrainConfig
 from dinolab.train.loop import check_resumable, export_run, train
 from dinolab.train.meta_arch import SSLMetaArch
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
 
 from dinolab.losses import DINOLoss, dino_num_terms, dino_student_targets, prototype_cross_entropy
 
@@ -86,6 +87,61 @@ def test_gradcheck_with_unnormalised_target_weights(chunk_elements: int) -> None
         loss(features, prototypes).float(),
         -(targets * F.log_softmax(features @ prototypes.T / 0.3, dim=-1)).sum(-1).float(),
     )
+
+
+def _weight_normed_layer(protos: int, dim: int, dtype: torch.dtype = torch.float32, seed: int = 5):
+    """torch's own weight-norm parametrization (the DINO heads' prototype layer) with magnitudes g != 1."""
+    torch.manual_seed(seed)
+    layer = weight_norm(torch.nn.Linear(dim, protos, bias=False).to(dtype))
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.uniform_(0.5, 2.0)
+    return layer, layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+
+
+@pytest.mark.parametrize("chunk_elements", [50, 7 * 50 + 11, 10**6])
+def test_weight_norm_magnitudes_match_the_parametrized_layer(chunk_elements: int) -> None:
+    """Passing v and g gives the loss and the gradients (features, v, g) of the materialised g * v / ||v||,
+    differentiated by autograd through torch's weight_norm."""
+    features, _, targets = _inputs()
+    layer, g, v = _weight_normed_layer(protos=50, dim=8)
+    weights = torch.rand(features.shape[0])
+    ours = prototype_cross_entropy(features, v, targets, 0.1, chunk_elements=chunk_elements, magnitudes=g)
+    ref = F.cross_entropy(layer(features) / 0.1, targets, reduction="none")
+    torch.testing.assert_close(ours, ref)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), [features, v, g])
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [features, v, g])
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("chunk_elements", [50, 10**6])
+def test_weight_norm_gradcheck(chunk_elements: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(7, 5, generator=g, dtype=torch.float64).requires_grad_()
+    targets = torch.rand(7, 50, generator=g, dtype=torch.float64) * 2
+    _, magnitudes, v = _weight_normed_layer(protos=50, dim=5, dtype=torch.float64)
+
+    def loss(f: torch.Tensor, v_: torch.Tensor, g_: torch.Tensor) -> torch.Tensor:
+        return prototype_cross_entropy(f, v_, targets, temp=0.3, chunk_elements=chunk_elements, magnitudes=g_)
+
+    assert torch.autograd.gradcheck(loss, (features, v.detach().requires_grad_(), magnitudes.detach().requires_grad_()))
+
+
+def test_weight_norm_under_bf16_autocast_matches_the_materialised_weight() -> None:
+    """bf16 matmul with fp32 softmax: the same as the cross-entropy of the materialised weight under autocast."""
+    features, _, targets = _inputs(rows=40, dim=16, protos=300)
+    _, g, v = _weight_normed_layer(protos=300, dim=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = prototype_cross_entropy(features, v, targets, 0.1, magnitudes=g)
+        weight = torch._weight_norm(v, g, 0)
+        ref = prototype_cross_entropy(features, weight, targets, 0.1)
+    torch.testing.assert_close(ours, ref, atol=0.05, rtol=0.01)
+
+
+def test_weight_norm_magnitudes_must_match_the_prototypes() -> None:
+    features, prototypes, targets = _inputs()
+    with pytest.raises(ValueError, match="one value per prototype"):
+        prototype_cross_entropy(features, prototypes, targets, 0.1, magnitudes=torch.ones(3, 1))
 
 
 def test_without_grad_and_with_no_rows() -> None:

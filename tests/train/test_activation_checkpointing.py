@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from dinolab.config import ConfigError, apply_overrides
 from dinolab.train import parallel
-from dinolab.train.config import ConfigError, apply_overrides
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.parallel import (
     ACTIVATIONS_PER_TOKEN,

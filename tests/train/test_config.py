@@ -1,6 +1,7 @@
 import pytest
 
-from dinolab.train.config import ConfigError, TrainConfig, apply_overrides
+from dinolab.config import ConfigError, apply_overrides
+from dinolab.train.config import TrainConfig
 from dinolab.train.recipes import RECIPES, get_recipe
 
 
@@ -62,3 +63,11 @@ def test_config_round_trips_through_json(tmp_path):
     config = apply_overrides(get_recipe("cpu_small"), ["run.data=x", "optim.adamw_betas=0.8,0.9"])
     config.save(tmp_path / "config.json")
     assert TrainConfig.load(tmp_path / "config.json") == config
+
+
+def test_cpu_matmul_is_validated():
+    auto = get_recipe("cpu_small")
+    assert auto.run.cpu_matmul == "auto"
+    assert apply_overrides(auto, ["run.cpu_matmul=onednn"]).run.cpu_matmul == "onednn"
+    with pytest.raises(ConfigError, match=r"run\.cpu_matmul"):
+        apply_overrides(auto, ["run.cpu_matmul=mkl"])

@@ -13,10 +13,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
+from dinolab.config import ConfigError, apply_overrides
 from dinolab.hub import load_backbone
 from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train import checkpoint as ckpt
-from dinolab.train.config import ConfigError, TrainConfig, apply_overrides
+from dinolab.train.config import TrainConfig
 from dinolab.train.distill import TEACHER_HEADS_DIR, build_teacher, prepare_teacher, student_ema_momentum
 from dinolab.train.logger import read_metrics
 from dinolab.train.loop import STUDENT_BACKBONE, TEACHER_BACKBONE, load_run_backbone, make_schedules, train

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dinolab.config import apply_overrides
 from dinolab.data.collate import Batch
 from dinolab.train import checkpoint as ckpt
-from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, apply_overrides
+from dinolab.train.config import HeadsConfig, LossConfig, ModelConfig, OptimConfig, RunConfig
 from dinolab.train.distributed import DistEnv
 from dinolab.train.loop import StepContext, train, train_step
 from dinolab.train.meta_arch import SSLMetaArch

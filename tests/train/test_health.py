@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import entropy
 
-from dinolab.train.config import apply_overrides
+from dinolab.config import apply_overrides
 from dinolab.train.health import HealthMonitor, feature_spread, target_stats
 from dinolab.train.logger import read_metrics
 from dinolab.train.loop import train

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinolab.config import apply_overrides
 from dinolab.hub import load_backbone
 from dinolab.train import checkpoint as ckpt
-from dinolab.train.config import TrainConfig, apply_overrides
+from dinolab.train.config import TrainConfig
 from dinolab.train.logger import read_metrics
 from dinolab.train.loop import NonFiniteLossError, train
 from dinolab.train.meta_arch import SSLMetaArch
@@ -128,7 +129,7 @@ def test_continued_pretraining_starts_from_weights_and_freezes_the_backbone(nois
 def test_resume_with_another_architecture_is_refused(noise_images, uninterrupted, tmp_path):
     import shutil
 
-    from dinolab.train.config import ConfigError
+    from dinolab.config import ConfigError
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)

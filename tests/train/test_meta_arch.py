@@ -97,7 +97,7 @@ def test_ibot_weight_zero_leaves_the_patches_out() -> None:
 
 
 def test_from_config_builds_what_the_config_describes() -> None:
-    from dinolab.train.config import apply_overrides
+    from dinolab.config import apply_overrides
     from dinolab.train.recipes import get_recipe
 
     config = get_recipe("test_tiny")

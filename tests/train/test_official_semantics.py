@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from dinolab.config import ConfigError
 from dinolab.hub import load_backbone
 from dinolab.models.heads import DINOHead
 from dinolab.train.checkpoint import save_backbone
-from dinolab.train.config import ConfigError, ModelConfig
+from dinolab.train.config import ModelConfig
 from dinolab.train.loop import clip_gradients
 from dinolab.train.meta_arch import build_backbone
 from dinolab.train.recipes import get_recipe

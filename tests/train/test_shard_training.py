@@ -4,9 +4,10 @@ import json
 
 import torch
 
+from dinolab.config import apply_overrides
 from dinolab.data.shard_writer import write_shards
 from dinolab.train import checkpoint as ckpt
-from dinolab.train.config import TrainConfig, apply_overrides
+from dinolab.train.config import TrainConfig
 from dinolab.train.loop import train
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.recipes import get_recipe
