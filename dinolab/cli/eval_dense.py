@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from dinolab.cli.options import add_backbone_arguments, add_runtime_arguments
-from dinolab.eval.dense import DenseResult
+from dinolab.config import from_namespace
+from dinolab.eval.dense import DenseEvaluation, DenseResult
 from dinolab.runtime import atomic_write, atomic_write_json, json_default, resolve_device
 
 
@@ -35,15 +36,14 @@ def finish(output: Path, record: dict[str, object], results: DenseResult, name: 
     return 0
 
 
-def evaluation_options(args: argparse.Namespace) -> dict[str, object]:
-    """The keyword arguments every ``evaluate_*`` of a dense task takes from the command line."""
-    return dict(
+def evaluation_options(args: argparse.Namespace) -> DenseEvaluation:
+    """How every ``evaluate_*`` of a dense task runs, from the command line."""
+    return from_namespace(
+        DenseEvaluation,
+        args,
         device=resolve_device(args.device),
         max_images=args.max_val_images,
         picture_dir=args.output / "pictures",
-        num_pictures=args.num_pictures,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
     )
 
 

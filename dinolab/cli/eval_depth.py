@@ -141,5 +141,5 @@ def run(args: argparse.Namespace) -> int:
         record["train_loss"] = loss_summary(losses)
         record["head"] = str(save_head(output / "head.pth", model.head, resolved_arguments(args)))
     inference = dep.DepthInference(window=args.window, stride=args.stride, flip=not args.no_flip)
-    results = dep.evaluate_depth(model, val_set, inference, **evaluation_options(args))
+    results = dep.evaluate_depth(model, val_set, inference, evaluation_options(args))
     return finish(output, record, results, val_set.name)

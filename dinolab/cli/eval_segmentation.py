@@ -120,5 +120,5 @@ def run(args: argparse.Namespace) -> int:
         flip=args.flip or (args.ms and not args.scales),
         short_side=args.test_short_side or None,
     )
-    results = seg.evaluate_segmentation(model, val_set, inference, **evaluation_options(args))
+    results = seg.evaluate_segmentation(model, val_set, inference, evaluation_options(args))
     return finish(output, record, results, val_set.name)

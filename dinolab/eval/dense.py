@@ -10,7 +10,9 @@ of any size are predicted window by window (:func:`slide_inference`) and read on
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,6 +34,23 @@ class HeadTraining(Protocol):
     weight_decay: float
     num_workers: int
     seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseEvaluation:
+    """How a dense task's evaluation runs (``evaluate_segmentation``, ``evaluate_depth``)."""
+
+    device: torch.device | str = "cpu"
+    max_images: int | None = None
+    """Score only the first images of the set (None: all)."""
+    picture_dir: str | os.PathLike | None = None
+    """Where prediction pictures of the first images go (None: no pictures)."""
+    num_pictures: int = 4
+    num_workers: int = 2
+    progress: bool = True
+
+
+DEFAULT_EVALUATION = DenseEvaluation()
 
 
 class DenseResult(Protocol):

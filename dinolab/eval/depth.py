@@ -10,7 +10,6 @@ rotation (2.5 / 1 degree) and colour augmentation (gamma, brightness, per-channe
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from dinolab.data.transforms import make_normalize
-from dinolab.eval.dense import one_by_one_loader, slide_inference, train_head
+from dinolab.eval.dense import DEFAULT_EVALUATION, DenseEvaluation, one_by_one_loader, slide_inference, train_head
 from dinolab.eval.readers.depth import DepthSet
 
 DEPTH_METRICS = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
@@ -289,27 +288,23 @@ def evaluate_depth(
     model: nn.Module,
     data: DepthSet,
     inference: DepthInference,
-    device: torch.device | str = "cpu",
-    max_images: int | None = None,
-    picture_dir: str | os.PathLike | None = None,
-    num_pictures: int = 4,
-    num_workers: int = 2,
-    progress: bool = True,
+    run: DenseEvaluation = DEFAULT_EVALUATION,
 ) -> DepthResults:
     """Predict each image at its stored resolution and score the pixels with ``min_depth < gt < max_depth``
     inside ``data.eval_crop``; metrics are computed per image and averaged."""
     from dinolab.eval.visualize import save_depth_picture
 
-    loader, count = one_by_one_loader(DepthEvalDataset(data), max_images, num_workers)
+    device, picture_dir = run.device, run.picture_dir
+    loader, count = one_by_one_loader(DepthEvalDataset(data), run.max_images, run.num_workers)
     model.to(device).eval()
     per_image: list[dict[str, float]] = []
     pictures: list[Path] = []
-    for index, image, gt, rgb in tqdm(loader, total=count, desc="depth eval", disable=not progress):
+    for index, image, gt, rgb in tqdm(loader, total=count, desc="depth eval", disable=not run.progress):
         pred = predict_depth(model, image[None].to(device), inference)[0, 0].cpu().numpy()
         mask = (gt > data.min_depth) & (gt < data.max_depth) & eval_crop_mask(*gt.shape, data.eval_crop)
         if mask.any():
             per_image.append(depth_metrics(pred[mask], gt[mask]))
-        if picture_dir is not None and len(pictures) < num_pictures:
+        if picture_dir is not None and len(pictures) < run.num_pictures:
             path = Path(picture_dir) / f"depth_{index:05d}_{data.images[index].stem}.png"
             pictures.append(save_depth_picture(rgb, pred, gt, path))
     if not per_image:

@@ -9,7 +9,6 @@ weight decay 1e-4), 1500 linear warm-up iterations then a poly schedule (power 1
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dinolab.data.images import load_rgb
 from dinolab.data.transforms import make_normalize
-from dinolab.eval.dense import one_by_one_loader, slide_inference, train_head
+from dinolab.eval.dense import DEFAULT_EVALUATION, DenseEvaluation, one_by_one_loader, slide_inference, train_head
 from dinolab.eval.readers.segmentation import IGNORE_INDEX, SegmentationSet
 
 MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
@@ -303,27 +302,23 @@ def evaluate_segmentation(
     model: nn.Module,
     data: SegmentationSet,
     inference: SegInference,
-    device: torch.device | str = "cpu",
-    max_images: int | None = None,
-    picture_dir: str | os.PathLike | None = None,
-    num_pictures: int = 4,
-    num_workers: int = 2,
-    progress: bool = True,
+    run: DenseEvaluation = DEFAULT_EVALUATION,
 ) -> SegResults:
     """mIoU of ``model`` over ``data``: predict at the test scale, upsample the scores to the stored mask's size,
     take the arg-max, accumulate one confusion matrix. Writes prediction pictures of the first images."""
     from dinolab.eval.visualize import save_segmentation_picture
 
-    loader, count = one_by_one_loader(SegEvalDataset(data, inference.short_side), max_images, num_workers)
+    device, picture_dir = run.device, run.picture_dir
+    loader, count = one_by_one_loader(SegEvalDataset(data, inference.short_side), run.max_images, run.num_workers)
     model.to(device).eval()
     confusion = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
     pictures: list[Path] = []
-    for index, image, label, rgb in tqdm(loader, total=count, desc="segmentation eval", disable=not progress):
+    for index, image, label, rgb in tqdm(loader, total=count, desc="segmentation eval", disable=not run.progress):
         scores = predict_segmentation(model, image[None].to(device), inference)
         scores = F.interpolate(scores, size=label.shape, mode="bilinear", align_corners=False)
         pred = scores[0].argmax(0).cpu().numpy()
         confusion += confusion_matrix(pred, label, data.num_classes)
-        if picture_dir is not None and len(pictures) < num_pictures:
+        if picture_dir is not None and len(pictures) < run.num_pictures:
             path = Path(picture_dir) / f"segmentation_{index:05d}_{data.images[index].stem}.png"
             pictures.append(save_segmentation_picture(rgb, pred, label, path, data.num_classes))
     iou, miou = iou_from_confusion(confusion)

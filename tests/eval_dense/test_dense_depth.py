@@ -10,6 +10,7 @@ import torch
 from dense_helpers import write_rgb
 
 from dinolab.eval import depth as dep
+from dinolab.eval.dense import DenseEvaluation
 from dinolab.eval.heads import Depther, make_depth_head
 from dinolab.eval.readers.depth import folder_pair
 
@@ -136,10 +137,8 @@ def test_training_reduces_the_loss_and_evaluation_scores(tmp_path, tiny_backbone
     aug = dep.DepthAugmentation(crop_size=(56, 56), rotate_degrees=0.0, color_prob=0.0)
     losses = dep.train_depth(model, dep.DepthTrainDataset(train, aug), config, progress=False)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
-    results = dep.evaluate_depth(
-        model, val, dep.DepthInference(window=42, stride=28), picture_dir=tmp_path / "pics", num_pictures=2,
-        num_workers=0, progress=False,
-    )  # fmt: skip
+    run = DenseEvaluation(picture_dir=tmp_path / "pics", num_pictures=2, num_workers=0, progress=False)
+    results = dep.evaluate_depth(model, val, dep.DepthInference(window=42, stride=28), run)
     assert results.num_images == 2 and set(results.metrics) == set(dep.DEPTH_METRICS)
     assert results.metrics["abs_rel"] < 0.5
     assert len(results.pictures) == 2 and all(p.stat().st_size > 0 for p in results.pictures)

@@ -10,6 +10,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from dinolab.eval import dense
 from dinolab.eval import segmentation as seg
+from dinolab.eval.dense import DenseEvaluation
 from dinolab.eval.heads import Segmenter
 from dinolab.eval.readers.segmentation import folder_pair
 
@@ -124,9 +125,8 @@ def test_training_reduces_the_loss_and_evaluation_scores(tmp_path, tiny_backbone
     assert len(losses) == 30
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     inference = seg.SegInference(window=42, stride=28, short_side=None)
-    results = seg.evaluate_segmentation(
-        model, val, inference, picture_dir=tmp_path / "pics", num_pictures=1, num_workers=0, progress=False
-    )
+    run = DenseEvaluation(picture_dir=tmp_path / "pics", num_pictures=1, num_workers=0, progress=False)
+    results = seg.evaluate_segmentation(model, val, inference, run)
     _, miou = seg.iou_from_confusion(results.confusion)
     assert results.miou == pytest.approx(miou) and results.confusion.sum() == 2 * 56 * 56
     assert results.miou > 0.5  # two colour regions: far better than chance after training
