@@ -205,11 +205,11 @@ def test_killed_distillation_resumes_to_the_parameters_of_an_uninterrupted_run(
 
 
 def distill_worker(rank: int, port: int, config: TrainConfig) -> None:
-    from test_distributed import join
+    from test_distributed import join, leave
 
     join(rank, port)
     train(config)
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 @pytest.mark.distributed

@@ -45,6 +45,13 @@ def join(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
 
 
+def leave() -> None:
+    """Both ranks reach the teardown before either destroys the group: rank 0 hosts the store, and a worker whose
+    peer tore it down mid-operation can abort at exit ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def global_batch(step: int) -> Batch:
     """A fixed batch of 4 images (2 global 28 px crops, 2 local 14 px crops), 2 of the 8 global crops masked."""
     g = torch.Generator().manual_seed(step)
@@ -127,7 +134,7 @@ def parity_worker(rank: int, port: int, mode: str, out: str) -> None:
     state = ckpt.full_state_dict(ctx.model)
     if rank == 0:
         torch.save({"losses": losses, "state": state}, out)
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +164,7 @@ def save_worker(rank: int, port: int, mode: str, run_dir: str, out: str) -> None
     state = ckpt.full_state_dict(ctx.model)
     if rank == 0:
         torch.save(state, out)
-    dist.destroy_process_group()
+    leave()
 
 
 def load_worker(rank: int, port: int, run_dir: str, out: str) -> None:
@@ -167,7 +174,7 @@ def load_worker(rank: int, port: int, run_dir: str, out: str) -> None:
     state = ckpt.full_state_dict(ctx.model)
     if rank == 0:
         torch.save(state, out)
-    dist.destroy_process_group()
+    leave()
 
 
 def test_checkpoint_written_by_two_processes_loads_in_one(tmp_path):
@@ -201,7 +208,7 @@ def tiny_run(data: Path, out: Path, *overrides: str):
 def train_worker(rank: int, port: int, config) -> None:
     join(rank, port)
     train(config)
-    dist.destroy_process_group()
+    leave()
 
 
 def test_a_run_moves_between_process_counts(noise_images, tmp_path):
