@@ -101,7 +101,8 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         losses, lse, start = [], [], 0
         with torch.autocast(f.device.type, enabled=False):  # dtypes are explicit here, in fp32 but for the matmul
             norms = None if magnitudes is None else prototypes.to(_loss_dtype(prototypes)).norm(dim=1)  # [K]
-            column_scale = _column_scale(magnitudes, norms, temp, _loss_dtype(features))
+            gains = None if magnitudes is None else magnitudes.flatten().to(norms.dtype) / norms  # s = g / ||v||
+            column_scale = 1.0 / temp if gains is None else gains.to(_loss_dtype(features)) / temp
             for target_chunk in chunks:
                 end = start + target_chunk.shape[0]
                 z = _scaled_logits(f[start:end], w, column_scale)
@@ -115,17 +116,16 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         ctx.segments, ctx.temp, ctx.rows_per_chunk = segments, temp, rows_per_chunk
         ctx.input_dtypes = (features.dtype, prototypes.dtype)
         ctx.column_scale = column_scale
-        ctx.save_for_backward(f, w, torch.cat(lse), prototypes, magnitudes, norms)
+        ctx.save_for_backward(f, w, torch.cat(lse), prototypes, magnitudes, norms, gains)
         return torch.cat(losses)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        f, w, lse, v, magnitudes, norms = ctx.saved_tensors
+        f, w, lse, v, magnitudes, norms, gains = ctx.saved_tensors
         needs_f, needs_v, needs_g = ctx.needs_input_grad[:3]
         grad_f = torch.empty_like(f) if needs_f else None
         grad_w = torch.zeros(w.shape, dtype=_loss_dtype(w), device=w.device) if needs_v or needs_g else None
-        gains = None if magnitudes is None else magnitudes.flatten().to(norms.dtype) / norms  # s = g / ||v||, [K]
         start = 0
         with torch.autocast(f.device.type, enabled=False):
             for target_chunk in _target_chunks(ctx.segments, ctx.rows_per_chunk):
@@ -150,26 +150,20 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         if magnitudes is None:
             grad_prototypes = None if grad_w is None else grad_w.to(ctx.input_dtypes[1])
             return grad_features, grad_prototypes, None, None, None, None, None
-        grad_v, grad_g = _weight_norm_backward(grad_w, v, magnitudes, norms)
+        grad_v, grad_g = _weight_norm_backward(grad_w, v, magnitudes, norms, gains)
         grad_v = grad_v.to(ctx.input_dtypes[1]) if needs_v else None
         return grad_features, grad_v, grad_g if needs_g else None, None, None, None, None
 
 
-def _column_scale(magnitudes: Tensor | None, norms: Tensor | None, temp: float, dtype: torch.dtype) -> Tensor | float:
-    """What the logits' columns are multiplied by: ``g / (||v|| temp)`` ``[K]``, or ``1 / temp``."""
-    if magnitudes is None or norms is None:
-        return 1.0 / temp
-    return (magnitudes.flatten().to(dtype) / norms.to(dtype)).mul_(1.0 / temp)
-
-
-def _weight_norm_backward(grad_w: Tensor, v: Tensor, magnitudes: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
-    """``(d/dv, d/dg)`` from ``G = d/dW`` for ``W = g v / ||v||`` (rows), in place in ``G``'s memory: no other
-    ``[K, D]`` buffer (the row dot products are one batched matmul)."""
+def _weight_norm_backward(
+    grad_w: Tensor, v: Tensor, magnitudes: Tensor, norms: Tensor, gains: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(d/dv, d/dg)`` from ``G = d/dW`` for ``W = g v / ||v||`` (rows; ``gains = g / ||v||``), in place in ``G``'s
+    memory: no other ``[K, D]`` buffer (the row dot products are one batched matmul)."""
     v32 = v.to(grad_w.dtype)
     dots = torch.einsum("kd,kd->k", grad_w, v32)  # G_k . v_k
     grad_g = (dots / norms).reshape(magnitudes.shape).to(magnitudes.dtype)
-    scale = magnitudes.flatten().to(grad_w.dtype) / norms  # s_k = g_k / ||v_k||
-    grad_w.mul_(scale[:, None]).addcmul_(v32, (scale * dots / norms.square())[:, None], value=-1.0)
+    grad_w.mul_(gains[:, None]).addcmul_(v32, (gains * dots / norms.square())[:, None], value=-1.0)
     return grad_w, grad_g
 
 

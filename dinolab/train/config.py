@@ -240,8 +240,8 @@ class RunConfig:
     """torch.compile each transformer block."""
     cpu_matmul: str = "auto"
     """CPU linear layers in fp32: 'blas' (torch's own path, MKL), 'onednn', or 'auto': time both on the model's
-    layer shapes at start-up (about a second) and keep the faster (dinolab.matmul; oneDNN ran the ViT-S/14 step
-    1.2x faster on the 2-core AMD CPU). Ignored on GPUs."""
+    layer shapes at start-up (2.2 s for a ViT-S/14 at batch 8) and keep the faster (dinolab.matmul; oneDNN ran the
+    ViT-S/14 step about 1.1x faster on the 2-core AMD CPU). Ignored on GPUs."""
     activation_checkpointing: str = "auto"
     """Which activations of the student's blocks are recomputed in backward instead of kept: 'none', 'selective'
     (keep the matmul and attention outputs, recompute the cheap rest: ~45 % less activation memory, no extra

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dinolab.matmul import choose_cpu_matmul
+from dinolab.matmul import choose_cpu_matmul, set_cpu_matmul
 from dinolab.runtime import world_size
 from dinolab.train.config import RunConfig, TrainConfig
 from dinolab.train.distributed import DistEnv
@@ -74,7 +74,8 @@ def choose_cpu_linear(config: TrainConfig, model: SSLMetaArch, device: torch.dev
     """``run.cpu_matmul`` resolved and selected for this process; on GPUs the setting is moot ('blas'). Under
     torchrun every rank takes rank 0's choice, so that the ranks of one run compute alike."""
     if device.type != "cpu" or config.run.dtype != "fp32":
-        return choose_cpu_matmul("blas", [])
+        set_cpu_matmul("blas")
+        return "blas"
     backbone = model.student["backbone"]
     block = backbone.blocks[0]
     layers = [m for m in block.modules() if isinstance(m, nn.Linear)]
@@ -83,7 +84,8 @@ def choose_cpu_linear(config: TrainConfig, model: SSLMetaArch, device: torch.dev
     choice = [choose_cpu_matmul(config.run.cpu_matmul, [(tokens, m.in_features, m.out_features) for m in layers])]
     if world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
-    return choose_cpu_matmul(choice[0], [])
+        set_cpu_matmul(choice[0])
+    return choice[0]
 
 
 def student_tokens_per_step(config: TrainConfig, patch_size: int, registers: int) -> int:
