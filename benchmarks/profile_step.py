@@ -7,6 +7,7 @@ Same flags as benchmarks/train_step.py (the step it builds is the same). Prints,
 - ``phases.md``: the step's wall time split by the phases the trainer labels (``dinolab.runtime.phase``: teacher,
   student backbone, heads and losses, KoLeo, backward, clipping, optimizer, EMA) and what is outside them;
 - ``operators.md``: the operators by self time, and the share of the step spent in matrix products;
+- ``matmuls.md``: every matrix product's shape, calls, seconds and GFLOP/s (which products run below the rate);
 - ``roofline.md``: the step's FLOPs (``torch.utils.flop_counter``, recomputation included), this device's measured
   fp32/bf16 matmul rate on a large square product, and the fraction of it the step reaches;
 - ``trace.json``: the Chrome trace of the profiled step (open in https://ui.perfetto.dev).
@@ -92,6 +93,37 @@ def operator_rows(prof: profile, limit: int) -> tuple[list[tuple[str, float, int
     return rows[:limit], matmul, attention
 
 
+def _product_flop(name: str, shapes: list) -> int:
+    """FLOPs of one matrix product from its recorded input shapes (0 when not a 2-D/batched product)."""
+    if name == "mkldnn::_linear_pointwise":  # x [N, in], weight [out, in]
+        (rows, fan_in), (fan_out, _) = shapes[0], shapes[1]
+        return 2 * rows * fan_in * fan_out
+    if name == "aten::mm":
+        return 2 * shapes[0][0] * shapes[0][1] * shapes[1][1]
+    if name == "aten::addmm":  # bias, a, b
+        return 2 * shapes[1][0] * shapes[1][1] * shapes[2][1]
+    if name in ("aten::bmm", "aten::baddbmm"):
+        a, b = shapes[-2], shapes[-1]
+        return 2 * a[0] * a[1] * a[2] * b[2]
+    return 0
+
+
+def matmul_rows(prof: profile) -> list[tuple[str, str, int, float, float]]:
+    """(operator, input shapes, calls, seconds, GFLOP/s) of every matrix product shape, slowest in total first."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for average in prof.key_averages(group_by_input_shape=True):
+        if average.key not in MATMUL_OPS or not average.input_shapes:
+            continue
+        shapes = [s for s in average.input_shapes if s]
+        seconds = average.self_cpu_time_total / 1e6
+        row = totals.setdefault((average.key, str(shapes)), [0, 0.0, 0.0])
+        row[0] += average.count
+        row[1] += seconds
+        row[2] += average.count * _product_flop(average.key, shapes)
+    rows = [(name, shapes, int(c), s, f / s / 1e9 if s else 0.0) for (name, shapes), (c, s, f) in totals.items()]
+    return sorted(rows, key=lambda r: -r[3])
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argparse.ArgumentParser(add_help=False)
@@ -104,7 +136,7 @@ def main() -> None:
         train_step(ctx, [batches[step % 2]], values)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
     _synchronize(ctx.device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
         train_step(ctx, [batches[0]], values)
         _synchronize(ctx.device)
@@ -137,6 +169,10 @@ def main() -> None:
     ]
     (own.out / "operators.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), "", sep="\n")
+
+    lines = ["| product | input shapes | calls | seconds | GFLOP/s |", "|---|---|---:|---:|---:|"]
+    lines += [f"| `{n}` | {shapes} | {c} | {s:.3f} | {rate:.0f} |" for n, shapes, c, s, rate in matmul_rows(prof)]
+    (own.out / "matmuls.md").write_text("\n".join(lines) + "\n")
 
     flops = count_flops(ctx, batches[1], values)
     # the step's own precision: fp32 matmuls, or bf16 ones under autocast

@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="as run.cpu_matmul (auto: what the trainer chooses on this CPU, by timing both)",
     )
+    parser.add_argument(
+        "--unfused-branches",
+        action="store_true",
+        help="autograd through the blocks' modules (CPU fp32 training runs dinolab.models.fused's branches)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument(
         "--activation-checkpointing",
@@ -107,12 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rows",
         default="",
-        help="with --compare: only these rows (ladder indices from 0, and 'lightly'), e.g. 0,10,lightly",
+        help="with --compare: only these rows (ladder indices from 0, 'default', 'lightly', 'ibot'), e.g. 0,default,lightly",
     )
     args = parser.parse_args(argv)
     if args.baseline:
         args.no_packing = args.drop_path_by_zeroing = args.heads_on_all_patches = args.no_chunked_loss = True
-        args.foreach_adamw, args.compile, args.cpu_matmul = True, False, "blas"
+        args.foreach_adamw, args.compile, args.cpu_matmul, args.unfused_branches = True, False, "blas", True
         args.dtype, args.system_malloc, args.activation_checkpointing = "fp32", True, "none"
     return args
 
@@ -165,6 +170,8 @@ def build(args: argparse.Namespace) -> StepContext:
     # the trainer's choices (dinolab.train.loop), recorded in the result
     args.activation_checkpointing = choose_activation_checkpointing(config, model, device)
     apply_activation_checkpointing(model, args.activation_checkpointing)
+    for block in model.student["backbone"].blocks:
+        block.fused_branches = not args.unfused_branches
     args.cpu_matmul = choose_cpu_linear(config, model, device) if device.type == "cpu" else "n/a"
     if args.compile:
         for net in (model.student, model.teacher):
@@ -226,6 +233,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "cpu_matmul": args.cpu_matmul,
         "compile": args.compile,
         "activation_checkpointing": args.activation_checkpointing,
+        "fused_branches": not args.unfused_branches,
         "reuse_freed_memory": ctx.device.type == "cpu" and not args.system_malloc,
         "torch": torch.__version__,
     }
@@ -240,7 +248,7 @@ def run_one(args: argparse.Namespace) -> dict:
 # Each row adds one technique to the previous row; the last is the step as the trainer runs it with no flags. The
 # rows before it run torch's own CPU linear path (--cpu-matmul blas); the last takes the trainer's choices on this
 # device (CPU linear backend, activation checkpointing), which its JSON record names.
-_OFF = ["--activation-checkpointing", "none", "--system-malloc", "--cpu-matmul", "blas"]
+_OFF = ["--activation-checkpointing", "none", "--system-malloc", "--cpu-matmul", "blas", "--unfused-branches"]
 _BLAS = ["--cpu-matmul", "blas"]
 LADDER: list[tuple[str, list[str]]] = [
     ("baseline (iBOT-style, fp32)", ["--baseline"]),
@@ -251,8 +259,9 @@ LADDER: list[tuple[str, list[str]]] = [
     ("+ efficient stochastic depth", ["--no-packing", "--no-chunked-loss", "--foreach-adamw", *_OFF]),
     ("+ sequence packing", ["--no-chunked-loss", "--foreach-adamw", *_OFF]),
     ("+ fused AdamW", ["--no-chunked-loss", *_OFF]),
-    ("+ chunked prototype cross-entropy", [*_OFF]),
-    ("+ freed memory reused (CPU allocator)", [*_BLAS, "--activation-checkpointing", "none"]),
+    ("+ tiled prototype cross-entropy", [*_OFF]),
+    ("+ freed memory reused (CPU allocator)", [*_BLAS, "--activation-checkpointing", "none", "--unfused-branches"]),
+    ("+ fused block branches (CPU fp32)", [*_BLAS, "--activation-checkpointing", "none"]),
     ("+ selective activation checkpointing", [*_BLAS, "--activation-checkpointing", "selective"]),
     ("+ full activation checkpointing", [*_BLAS, "--activation-checkpointing", "full"]),
     ("+ bf16 autocast", [*_BLAS, "--activation-checkpointing", "full", "--dtype", "bf16"]),
@@ -261,7 +270,8 @@ LADDER: list[tuple[str, list[str]]] = [
 
 
 def compare(argv: list[str], rows_wanted: str, ibot_repo: str = "") -> None:
-    """Run the ladder (or the rows ``rows_wanted`` names: ladder indices, ``lightly``, ``ibot``), each row in its
+    """Run the ladder (or the rows ``rows_wanted`` names: ladder indices, ``default`` for the last, ``lightly``,
+    ``ibot``), each row in its
     own process, then the peer steps (lightly's when it is installed, the iBOT code's with ``ibot_repo``); print a
     table of ratios against the baseline and dinolab's default step against each reference."""
     shared = [a for a in argv if a not in ("--compare", "--fp32-only")]
@@ -271,7 +281,8 @@ def compare(argv: list[str], rows_wanted: str, ibot_repo: str = "") -> None:
     ladder = [
         (name, [sys.executable, __file__, *shared, *flags])
         for index, (name, flags) in enumerate(LADDER)
-        if not ("--fp32-only" in argv and "bf16" in flags) and (wanted is None or str(index) in wanted)
+        if not ("--fp32-only" in argv and "bf16" in flags)
+        and (wanted is None or str(index) in wanted or ("default" in wanted and index == len(LADDER) - 1))
     ]
     if importlib.util.find_spec("lightly") and (wanted is None or "lightly" in wanted):
         peer = Path(__file__).with_name("peer_lightly.py")

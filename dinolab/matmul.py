@@ -50,17 +50,34 @@ def cpu_matmul() -> str:
     return _state["backend"]
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, through oneDNN for fp32 CPU tensors when that backend is selected (same values, same grads)."""
-    if (
+def _uses_onednn(x: Tensor, weight: Tensor) -> bool:
+    return (
         _state["backend"] == "onednn"
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-    ):
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, through oneDNN for fp32 CPU tensors when that backend is selected (same values, same grads)."""
+    if _uses_onednn(x, weight):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def product(rows: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``rows [N, in] @ weight[out, in].T + bias`` in the selected backend, outside autograd (for the forward of
+    autograd functions that write their backward out, as :func:`linear`'s and dinolab.models.fused's do)."""
+    return _onednn_product(rows, weight, bias) if _uses_onednn(rows, weight) else F.linear(rows, weight, bias)
+
+
+def input_gradient(grad_rows: Tensor, weight: Tensor) -> Tensor:
+    """``grad [N, out] @ weight [out, in]``, the input gradient of :func:`product`, in the selected backend."""
+    if _uses_onednn(grad_rows, weight):  # a linear layer whose weight is weight.T ([in, out])
+        return _onednn_product(grad_rows, weight.t().contiguous(), None)
+    return grad_rows @ weight
 
 
 class Linear(nn.Linear):
@@ -92,8 +109,8 @@ class _OneDNNLinear(torch.autograd.Function):
         rows, weight = ctx.saved_tensors
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # grad @ weight: a linear layer whose weight is weight.T ([in, out])
-            grad_x = _onednn_product(grad_rows, weight.t().contiguous(), None).view(ctx.input_shape)
+        if ctx.needs_input_grad[0]:
+            grad_x = input_gradient(grad_rows, weight).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             grad_w = grad_rows.t() @ rows
         if ctx.has_bias and ctx.needs_input_grad[2]:

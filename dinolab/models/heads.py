@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from dinolab.losses.prototypes import prototype_cross_entropy
+from dinolab.losses.prototypes import prototype_cross_entropy, prototype_logits
 from dinolab.matmul import Linear
 
 
@@ -52,7 +52,12 @@ class DINOHead(nn.Module):
             self.last_layer.parametrizations.weight.original0.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.last_layer(self.project(x))  # [..., out_dim]
+        features = self.project(x)
+        if torch.is_grad_enabled():
+            return self.last_layer(features)  # [..., out_dim]
+        # the teacher's targets: without gradients the prototypes need not be materialised from v and g
+        weight = self.last_layer.parametrizations.weight
+        return prototype_logits(features, weight.original1, weight.original0)
 
     def project(self, x: Tensor) -> Tensor:
         """``[..., in_dim] -> [..., bottleneck_dim]``: the MLP and the L2 normalisation, before the prototypes."""

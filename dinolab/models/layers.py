@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from dinolab.matmul import Linear
+from dinolab.models import fused
 
 CHECKPOINTING_MODES = ("none", "full", "selective")
 """Activation checkpointing of a block: ``full`` keeps only its input and recomputes everything in backward;
@@ -98,13 +99,22 @@ class Attention(nn.Module):
         global crops, then the local crops). The linear layers run once on all tokens; attention runs within
         each sequence only, which is exactly a block-diagonal attention mask without materialising it.
         """
-        qkv = self.qkv(tokens)
+        return self.proj(self.attend(self.qkv(tokens), shapes))
+
+    def attend(self, qkv: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """The attention of each sequence of a packed ``[sum_g B_g*T_g, 3D]`` qkv, before the output projection."""
+        outputs = self.attend_groups(qkv, shapes)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def attend_groups(self, qkv: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+        """:meth:`attend` per group: ``[B_g*T_g, D]`` each (on CPUs views of the attention kernel's output, whose
+        memory is ``[B, T, heads, head_dim]``; elsewhere copies where it is not)."""
         outputs = []
         for chunk, (batch, length) in zip(qkv.split([b * t for b, t in shapes]), shapes):
             q, k, v = self._split_heads(chunk, batch, length)
             out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, T, head_dim]
             outputs.append(out.transpose(1, 2).reshape(batch * length, -1))
-        return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
+        return outputs
 
     def attention_map(self, x: Tensor, num_queries: int | None = None) -> Tensor:
         """Softmax attention weights ``[B, heads, Q, T]`` of the first ``Q = num_queries`` tokens (all ``T`` by
@@ -194,6 +204,10 @@ def _save_matmul_outputs() -> tuple:
     return create_selective_checkpoint_contexts(_matmul_and_attention_ops())
 
 
+def _gamma(layer_scale: nn.Module) -> Tensor | None:
+    return layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))``.
 
@@ -231,14 +245,36 @@ class Block(nn.Module):
         self.efficient_drop_path = efficient_drop_path
         self.activation_checkpointing = "none"
         """One of :data:`CHECKPOINTING_MODES`: which activations are recomputed in backward (set by the trainer)."""
+        self.fused_branches = True
+        """Run the branches as dinolab.models.fused's functions where they apply (fp32 CPU training); False:
+        autograd through the modules (the benchmarks' reference)."""
 
     def _attn_branch(self, xs: list[Tensor]) -> list[Tensor]:
         tokens, shapes = _pack(xs)
+        if self._fused_branches(tokens):
+            qkv = fused.norm_linear(tokens, self.norm1, self.attn.qkv)
+            # the projection per group, on views of the attention's output: no packed copy kept for backward
+            groups = self.attn.attend_groups(qkv, shapes)
+            outs = [fused.scaled_linear(group, self.attn.proj, _gamma(self.ls1)) for group in groups]
+            return [out.view(b, t, -1) for out, (b, t) in zip(outs, shapes)]
         return _unpack(self.ls1(self.attn.forward_packed(self.norm1(tokens), shapes)), shapes)
 
     def _ffn_branch(self, xs: list[Tensor]) -> list[Tensor]:
         tokens, shapes = _pack(xs)
+        if self._fused_branches(tokens) and isinstance(self.mlp, Mlp):
+            out = fused.feed_forward(tokens, self.norm2, self.mlp.fc1, self.mlp.fc2, _gamma(self.ls2))
+            return _unpack(out, shapes)
         return _unpack(self.ls2(self.mlp(self.norm2(tokens))), shapes)
+
+    def _fused_branches(self, tokens: Tensor) -> bool:
+        """The branches as dinolab.models.fused's functions (the same values, less kept for backward): in CPU fp32
+        training, unless selective checkpointing is on (its policy is written for the plain operators)."""
+        return (
+            self.fused_branches
+            and self.activation_checkpointing != "selective"
+            and self.training
+            and fused.applies(tokens)
+        )
 
     def compile_body(self, **compile_kwargs) -> None:
         """``torch.compile`` the block's computation in place; activation checkpointing, when on, stays outside

@@ -243,11 +243,14 @@ class RunConfig:
     layer shapes at start-up (2.2 s for a ViT-S/14 at batch 8) and keep the faster (dinolab.matmul; oneDNN ran the
     ViT-S/14 step about 1.1x faster on the 2-core AMD CPU). Ignored on GPUs."""
     activation_checkpointing: str = "auto"
-    """Which activations of the student's blocks are recomputed in backward instead of kept: 'none', 'selective'
-    (keep the matmul and attention outputs, recompute the cheap rest: ~45 % less activation memory, no extra
+    """Which activations of the student's blocks are recomputed in backward instead of kept: 'none' (in fp32 on
+    CPUs the block's branches then run as dinolab.models.fused's functions, which keep ~40 % less than autograd
+    through the modules and recompute only the layer norms and the GELU), 'selective' (keep the matmul and
+    attention outputs, recompute the cheap rest: ~45 % less activation memory than plain autograd, no extra
     matmuls), 'full' (keep only each block's input: least memory, ~1/3 more student compute) or 'auto': from the
-    step's estimated activations, on CPUs selective above 512 MB (else none), on GPUs none when they fit in half of
-    the free memory, else selective when it fits, else full (dinolab.train.parallel.choose_activation_checkpointing).
+    step's estimated activations, on CPUs none in fp32 unless the activations would pass half of the machine's
+    memory (then full), in bf16 selective above 512 MB (else none); on GPUs none when they fit in half of the free
+    memory, else selective when it fits, else full (dinolab.train.parallel.choose_activation_checkpointing).
     true/false mean full/none."""
     progress: bool = True
     health_warnings: bool = True

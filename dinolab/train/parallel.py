@@ -6,6 +6,7 @@ per transformer block, then each backbone and head, then the root) or DDP.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -24,24 +25,27 @@ def _backbones(model: SSLMetaArch) -> list[nn.Module]:
     return [model.student["backbone"], model.teacher["backbone"]]
 
 
-ACTIVATIONS_PER_TOKEN = {"none": 16, "selective": 9}
-"""Activation elements a student block keeps for backward per token, in units of its width (measured with the
-profiler's allocation count: ~15 and ~8 in tests/models/test_layers.py; 1 with full checkpointing)."""
+ACTIVATIONS_PER_TOKEN = {"none": 16, "fused": 10, "selective": 9}
+"""Activation elements a student block keeps for backward per token, in units of its width: autograd through the
+modules, dinolab.models.fused's branches (CPU fp32 without selective checkpointing), selective checkpointing
+(measured with the profiler's allocation count, output included: ~17, ~10 and ~9 in tests/models/test_fused.py;
+1 with full checkpointing)."""
 
 
 CPU_SELECTIVE_ABOVE = 2**29
-"""On CPUs, checkpoint selectively once the student's activations would exceed 512 MB (below that the memory is
-small and the recomputation's per-operator bookkeeping is not worth it)."""
+"""On CPUs in bf16, checkpoint selectively once the student's activations would exceed 512 MB (below that the
+memory is small and the recomputation's per-operator bookkeeping is not worth it)."""
 
 
 def choose_activation_checkpointing(config: TrainConfig, model: SSLMetaArch, device: torch.device) -> str:
     """``run.activation_checkpointing``, with 'auto' resolved for this run on ``device``.
 
     From the student's estimated activations (:data:`ACTIVATIONS_PER_TOKEN` x tokens per step x width x depth).
-    CPUs: 'selective' above :data:`CPU_SELECTIVE_ABOVE`, else 'none' (a CPU step is bound by its matmuls, which
-    selective checkpointing never recomputes: about half the activation memory for a few percent of time;
-    docs/efficiency.md). GPUs: 'none' when the activations fit in half of the free memory left after AdamW's
-    moments, else 'selective' when they fit then, else 'full'.
+    CPUs in fp32: 'none', whose fused branches keep about as little as selective checkpointing without its
+    per-operator bookkeeping (~4 % faster for ~5 % more peak memory on a ViT-S/14 step; docs/efficiency.md), unless the
+    activations would pass half of the machine's memory: then 'full'. CPUs in bf16 (plain autograd):
+    'selective' above :data:`CPU_SELECTIVE_ABOVE`, else 'none'. GPUs: 'none' when the activations fit in half of
+    the free memory left after AdamW's moments, else 'selective' when they fit then, else 'full'.
     """
     mode = config.run.activation_checkpointing
     if mode != "auto":
@@ -55,6 +59,8 @@ def choose_activation_checkpointing(config: TrainConfig, model: SSLMetaArch, dev
         return per_block * len(backbone.blocks)
 
     if device.type != "cuda":
+        if config.run.dtype == "fp32":
+            return "none" if activation_bytes("fused") <= physical_memory_bytes() / 2 else "full"
         return "selective" if activation_bytes("none") > CPU_SELECTIVE_ABOVE else "none"
     free_bytes, _ = torch.cuda.mem_get_info(device)
     moments_bytes = 2 * 4 * sum(p.numel() for p in model.student.parameters())
@@ -63,6 +69,14 @@ def choose_activation_checkpointing(config: TrainConfig, model: SSLMetaArch, dev
         if activation_bytes(candidate) <= budget:
             return candidate
     return "full"
+
+
+def physical_memory_bytes() -> int:
+    """This machine's memory (``os.sysconf``; where that is unknown, taken as unlimited)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
 
 
 CPU_MATMUL_PROBE_TOKENS = 4096

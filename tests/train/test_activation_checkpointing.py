@@ -39,12 +39,18 @@ def _model_and_config(**run: str):
     return SSLMetaArch.from_config(config), config
 
 
-def test_auto_on_a_cpu_is_selective_for_large_activations_and_explicit_values_are_kept(
+def test_auto_on_a_cpu_keeps_activations_in_fp32_unless_they_pass_half_the_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """fp32: 'none' (the fused branches keep about as little as selective checkpointing), 'full' past half of the
+    machine's memory; bf16 (plain autograd): 'selective' for large activations. Explicit values are kept."""
     model, config = _model_and_config()
     cpu = torch.device("cpu")
     assert choose_activation_checkpointing(config, model, cpu) == "none"  # a few kB of activations
+    monkeypatch.setattr(parallel, "physical_memory_bytes", lambda: 1000)
+    assert choose_activation_checkpointing(config, model, cpu) == "full"
+    model, config = _model_and_config(dtype="bf16")
+    assert choose_activation_checkpointing(config, model, cpu) == "none"
     monkeypatch.setattr(parallel, "CPU_SELECTIVE_ABOVE", 1000)
     assert choose_activation_checkpointing(config, model, cpu) == "selective"
     model, config = _model_and_config(activation_checkpointing="none")
@@ -52,6 +58,10 @@ def test_auto_on_a_cpu_is_selective_for_large_activations_and_explicit_values_ar
     apply_activation_checkpointing(model, "full")
     assert {block.activation_checkpointing for block in model.student["backbone"].blocks} == {"full"}
     assert {block.activation_checkpointing for block in model.teacher["backbone"].blocks} == {"none"}
+
+
+def test_physical_memory_is_known_here() -> None:
+    assert parallel.physical_memory_bytes() > 2**30
 
 
 def test_auto_on_a_gpu_keeps_activations_only_when_they_fit(monkeypatch: pytest.MonkeyPatch) -> None:
