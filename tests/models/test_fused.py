@@ -141,3 +141,17 @@ def test_block_branches_match_the_modules_and_keep_less(backend: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert fused_widths < 0.7 * plain_widths
     assert selective_widths < fused_widths < 1.35 * selective_widths
+
+
+def test_full_checkpointing_recomputes_the_fused_branches_exactly() -> None:
+    """Under full checkpointing the fused branches run in the first forward and again in the recomputation: the
+    same outputs and gradients as without checkpointing, and only the block's input kept."""
+    torch.manual_seed(0)
+    block = Block(dim=64, num_heads=4, init_values=0.5, drop_path=0.2)
+    groups = [torch.randn(8, 65, 64, requires_grad=True), torch.randn(8, 17, 64, requires_grad=True)]
+    _, kept = _kept_widths(block, groups)
+    block.activation_checkpointing = "full"
+    widths, recomputed = _kept_widths(block, groups)
+    for a, b in zip(recomputed, kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert widths < 1.5
