@@ -98,21 +98,17 @@ def prototype_logits(
     features: Tensor, prototypes: Tensor, magnitudes: Tensor | None = None, chunk_columns: int | None = None
 ) -> Tensor:
     """``features [..., D] @ W.T -> [..., K]`` without gradients, for ``W = g * v / ||v||`` given as
-    ``prototypes = v`` and ``magnitudes = g`` (or ``W = prototypes``), never materialised: each column of the
-    product is scaled instead (a ``[K, D]`` weight is 64 MB at K = 65536, D = 256).
+    ``prototypes = v`` and ``magnitudes = g`` (or ``W = prototypes``).
 
-    On CPUs in fp32 the product runs in tiles of ``chunk_columns`` prototypes (default
-    :func:`default_chunk_columns`), each with its block of the layer scaled (the teacher's targets for 642 rows:
-    0.18 s against 0.26 s for the weight norm and one product on the 2-core test CPU). Elsewhere (GPUs,
-    autocast), one product with the materialised weight, as ``nn.Linear`` under torch's weight norm computes it.
+    On CPUs the product runs in tiles of ``chunk_columns`` prototypes (default :func:`default_chunk_columns`, the
+    tiles the cross-entropy uses), each with its block of ``v`` scaled, so the ``[K, D]`` weight (64 MB at
+    K = 65536, D = 256) is never materialised. Elsewhere (GPUs, autocast), one product with the materialised
+    weight, as ``nn.Linear`` under torch's weight norm computes it.
     """
     if chunk_columns is None:
         chunk_columns = default_chunk_columns(features.device)
-    gains = None
-    if magnitudes is not None:
-        gains = magnitudes.flatten().to(_loss_dtype(prototypes)) / prototypes.to(_loss_dtype(prototypes)).norm(dim=1)
-    cpu_fp32 = features.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-    if chunk_columns is None or not cpu_fp32 or features.dtype != prototypes.dtype:
+    _, gains = _weight_norm_gains(prototypes, magnitudes)
+    if chunk_columns is None or torch.is_autocast_enabled(features.device.type):
         weight = prototypes if gains is None else prototypes * gains[:, None].to(prototypes.dtype)
         return F.linear(features, weight)
     rows = features.reshape(-1, features.shape[-1])
@@ -151,8 +147,7 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         f, w = features.to(compute_dtype), prototypes.to(compute_dtype)
         losses, lse, start = [], [], 0
         with torch.autocast(f.device.type, enabled=False):  # dtypes are explicit here, in fp32 but for the matmul
-            norms = None if magnitudes is None else prototypes.to(_loss_dtype(prototypes)).norm(dim=1)  # [K]
-            gains = None if magnitudes is None else magnitudes.flatten().to(norms.dtype) / norms  # s = g / ||v||
+            norms, gains = _weight_norm_gains(prototypes, magnitudes)
             column_scale = 1.0 / temp if gains is None else gains.to(_loss_dtype(features)) / temp
             for target_chunk in _target_chunks(segments, tiles[0]):
                 end = start + target_chunk.rows
@@ -213,6 +208,15 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         grad_v, grad_g = _weight_norm_backward(grad_w, v, magnitudes, norms, gains)
         grad_v = grad_v.to(ctx.input_dtypes[1]) if needs_v else None
         return grad_features, grad_v, grad_g if needs_g else None, None, None, None, None
+
+
+def _weight_norm_gains(prototypes: Tensor, magnitudes: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """``(||v||, s = g / ||v||)``, ``[K]`` each in fp32 (or wider), of the weight-normalised prototypes ``W = diag(s)
+    v`` given as ``prototypes = v`` and ``magnitudes = g``; ``(None, None)`` without magnitudes."""
+    if magnitudes is None:
+        return None, None
+    norms = prototypes.to(_loss_dtype(prototypes)).norm(dim=1)
+    return norms, magnitudes.flatten().to(norms.dtype) / norms
 
 
 def _weight_norm_backward(
